@@ -1,0 +1,36 @@
+"""The relay wire protocol (DESIGN.md section 2), shared by the three roles.
+
+Compatible with Dendrite's relay API: the same paths and bodies. The user ID in both
+paths only names a server (its server name is the mailbox); this module always uses
+the localpart below for it, and the relay accepts any localpart.
+"""
+
+from urllib.parse import quote
+
+FEDERATION_PREFIX = "/_matrix/federation/v1"
+
+# The localpart of the user ID this module puts in relay paths for a server's
+# mailbox. Chosen to be obviously not a person; the relay ignores it.
+MAILBOX_LOCALPART = "_relay"
+
+MAX_PDUS = 50
+MAX_EDUS = 100
+
+
+def mailbox_user_id(server_name: str) -> str:
+    return f"@{MAILBOX_LOCALPART}:{server_name}"
+
+
+def send_relay_path(txn_id: str, destination: str) -> str:
+    """Where to deposit transaction `txn_id` for `destination` on a relay."""
+    return (
+        f"{FEDERATION_PREFIX}/send_relay/{quote(txn_id, safe='')}"
+        f"/{quote(mailbox_user_id(destination), safe='')}"
+    )
+
+
+def relay_txn_path(server_name: str) -> str:
+    """Where `server_name` collects its mail on a relay."""
+    return (
+        f"{FEDERATION_PREFIX}/relay_txn/{quote(mailbox_user_id(server_name), safe='')}"
+    )

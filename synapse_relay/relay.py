@@ -1,0 +1,321 @@
+"""The relay role: the seed's Relay Server API, as two federation endpoints.
+
+- forwarder, `PUT /_matrix/federation/v1/send_relay/{txnID}/{userID}`: a *deposit*;
+  stores a transaction for the user ID's server (the destination).
+- retriever, `GET /_matrix/federation/v1/relay_txn/{userID}`: a *collect*; hands the
+  destination its oldest entry, after deleting the one it *acknowledges*.
+
+Both are served by Synapse's federation listener with X-Matrix authentication (see
+`_synapse.mount_federation_endpoints`); `origin` below is always the authenticated
+server, never a value taken from the request body.
+"""
+
+import json
+import logging
+
+from canonicaljson import encode_canonical_json
+from synapse.module_api import JsonDict, ModuleApi
+from synapse.module_api.errors import Codes, SynapseError
+
+from synapse_relay._synapse import is_valid_server_name, mount_federation_endpoints
+from synapse_relay.config import RelayConfig
+from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
+from synapse_relay.stats import RoleStats
+from synapse_relay.store import QuotaExceeded, RelayStore
+
+logger = logging.getLogger(__name__)
+
+# Matrix identifiers are at most 255 bytes; a transaction id is kept to the same.
+MAX_ID_LENGTH = 255
+MAX_ENTRY_ID = 2**63 - 1
+
+# How often expired entries are purged: a tenth of the retention, within these.
+MAX_PURGE_INTERVAL_MS = 60 * 60 * 1000
+MIN_PURGE_INTERVAL_MS = 1000
+
+Query = dict[bytes, list[bytes]]
+
+RELAY_COUNTERS = {
+    "deposits_accepted": "Transactions stored for a destination",
+    "deposits_duplicate": "Deposits of a transaction already stored (answered 200)",
+    "deposits_refused": "Deposits refused: origin or destination not served, quota",
+    "collects": "relay_txn requests served to the owner of a queue",
+    "collects_refused": "relay_txn requests refused: not the owner",
+    "acknowledged": "Entries deleted because their owner acknowledged them",
+    "purged": "Entries deleted because they were older than the retention",
+}
+
+
+def destination_of(user_id: str) -> str:
+    """The server name of a user ID; 400 M_INVALID_PARAM if it is not one."""
+    localpart, _, server_name = user_id[1:].partition(":")
+    if (
+        not user_id.startswith("@")
+        or len(user_id.encode("utf-8")) > MAX_ID_LENGTH
+        or not localpart
+        or not is_valid_server_name(server_name)
+    ):
+        raise SynapseError(
+            400,
+            f"Invalid user ID {user_id!r}: expected @localpart:server",
+            Codes.INVALID_PARAM,
+        )
+    return server_name
+
+
+def validate_txn_id(txn_id: str) -> None:
+    if not txn_id or len(txn_id.encode("utf-8")) > MAX_ID_LENGTH:
+        raise SynapseError(
+            400,
+            f"Invalid transaction ID: expected 1 to {MAX_ID_LENGTH} bytes",
+            Codes.INVALID_PARAM,
+        )
+
+
+def build_transaction(
+    content: JsonDict | None,
+    *,
+    origin: str,
+    destination: str,
+    txn_id: str,
+    now_ms: int,
+) -> JsonDict:
+    """The transaction to store for a deposit body; 400 if the body is not one.
+
+    Only the fields of a federation transaction are kept. `origin`, `destination`
+    and `transaction_id` come from authentication and the path, never the body.
+    """
+    if content is None:
+        raise SynapseError(
+            400, "Missing body: expected a federation transaction", Codes.NOT_JSON
+        )
+    pdus = _object_list(content, "pdus", MAX_PDUS, required=True)
+    edus = _object_list(content, "edus", MAX_EDUS, required=False)
+    origin_server_ts = content.get("origin_server_ts", now_ms)
+    if not isinstance(origin_server_ts, int) or isinstance(origin_server_ts, bool):
+        raise SynapseError(400, "origin_server_ts must be an integer", Codes.BAD_JSON)
+    return {
+        "origin": origin,
+        "origin_server_ts": origin_server_ts,
+        "destination": destination,
+        "transaction_id": txn_id,
+        "pdus": pdus,
+        "edus": edus,
+    }
+
+
+def _object_list(
+    content: JsonDict, key: str, maximum: int, required: bool
+) -> list[JsonDict]:
+    value = content.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SynapseError(
+            400,
+            f"{key} must be a list of JSON objects"
+            + (" and is required" if required else ""),
+            Codes.BAD_JSON,
+        )
+    if len(value) > maximum:
+        raise SynapseError(
+            400, f"Too many {key}: {len(value)}, at most {maximum}", Codes.BAD_JSON
+        )
+    return value
+
+
+def parse_entry_id(content: JsonDict | None, query: Query) -> int:
+    """The acknowledged entry id, from the body or `?entry_id=`; 0 when absent."""
+    values: list[int] = []
+    if content is not None and "entry_id" in content:
+        values.append(_entry_id(content["entry_id"]))
+    for raw in query.get(b"entry_id", []):
+        text = raw.decode("utf-8", errors="replace")
+        values.append(
+            _entry_id(int(text) if text.isascii() and text.isdigit() else text)
+        )
+    if len(set(values)) > 1:
+        raise SynapseError(
+            400, "entry_id given twice with different values", Codes.INVALID_PARAM
+        )
+    return values[0] if values else 0
+
+
+def _entry_id(value: object) -> int:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= MAX_ENTRY_ID
+    ):
+        return value
+    raise SynapseError(
+        400,
+        f"entry_id must be an integer >= 0, got {json.dumps(value)}",
+        Codes.INVALID_PARAM,
+    )
+
+
+def start_relay_role(
+    config: RelayConfig, store: RelayStore, api: ModuleApi
+) -> "Relay | None":
+    """Serve the two endpoints and purge expired entries, if the role is enabled.
+
+    When it is not, the endpoints are not served at all: Synapse answers as for any
+    unknown federation path.
+    """
+    if not config.enabled:
+        return None
+    relay = Relay(config, store, api)
+    mount_federation_endpoints([SendRelayEndpoint(relay), RelayTxnEndpoint(relay)])
+    # Runs on the one instance that runs background tasks.
+    api.looping_background_call(
+        relay.purge_expired,
+        purge_interval_ms(config.retention_ms),
+        desc="synapse_relay_purge",
+    )
+    logger.info(
+        "Relay role enabled: holding mail for %s, deposits from %s",
+        ", ".join(config.destinations),
+        ", ".join(config.origins),
+    )
+    return relay
+
+
+def purge_interval_ms(retention_ms: int) -> int:
+    return max(MIN_PURGE_INTERVAL_MS, min(MAX_PURGE_INTERVAL_MS, retention_ms // 10))
+
+
+class Relay:
+    """What both endpoints share: configuration, queue store and counters."""
+
+    def __init__(self, config: RelayConfig, store: RelayStore, api: ModuleApi) -> None:
+        self.config = config
+        self.store = store
+        self.api = api
+        self.stats = RoleStats("relay", RELAY_COUNTERS, per_relay=False)
+
+    async def purge_expired(self) -> None:
+        before = self.api.get_current_time_msec() - self.config.retention_ms
+        purged = await self.store.purge_received_before(before)
+        if purged:
+            self.stats.inc("purged", amount=purged)
+            logger.info("Purged %d relay entries older than the retention", purged)
+
+
+class SendRelayEndpoint:
+    """Forwarder: a server deposits a transaction for a destination."""
+
+    PATH = "/send_relay/(?P<txn_id>[^/]*)/(?P<user_id>[^/]*)"
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def unsigned_body_is_harmless(self, content: JsonDict) -> bool:
+        return False
+
+    async def on_PUT(
+        self,
+        origin: str,
+        content: JsonDict | None,
+        query: Query,
+        txn_id: str,
+        user_id: str,
+    ) -> tuple[int, JsonDict]:
+        relay = self._relay
+        destination = destination_of(user_id)
+        validate_txn_id(txn_id)
+        if not relay.config.accepts_from(origin):
+            self._refuse(f"This relay does not accept deposits from {origin}")
+        if not relay.config.holds_mail_for(destination):
+            self._refuse(f"This relay does not hold mail for {destination}")
+        now_ms = relay.api.get_current_time_msec()
+        transaction = build_transaction(
+            content,
+            origin=origin,
+            destination=destination,
+            txn_id=txn_id,
+            now_ms=now_ms,
+        )
+        try:
+            deposit = await relay.store.deposit(
+                origin=origin,
+                txn_id=txn_id,
+                destination=destination,
+                txn_json=encode_canonical_json(transaction).decode("utf-8"),
+                now_ms=now_ms,
+                max_transactions=relay.config.max_transactions_per_destination,
+                max_bytes=relay.config.max_bytes_per_destination,
+            )
+        except QuotaExceeded as e:
+            relay.stats.inc("deposits_refused")
+            logger.warning("Refused deposit %s from %s: %s", txn_id, origin, e)
+            raise SynapseError(
+                507, f"Quota exceeded: {e}", Codes.RESOURCE_LIMIT_EXCEEDED
+            ) from e
+        if deposit.duplicate:
+            relay.stats.inc("deposits_duplicate")
+            logger.info(
+                "Transaction %s from %s for %s already stored as entry %d",
+                txn_id,
+                origin,
+                destination,
+                deposit.entry_id,
+            )
+        else:
+            relay.stats.inc("deposits_accepted")
+            logger.info(
+                "Stored transaction %s from %s for %s as entry %d (%d PDUs, %d EDUs)",
+                txn_id,
+                origin,
+                destination,
+                deposit.entry_id,
+                len(transaction["pdus"]),
+                len(transaction["edus"]),
+            )
+        return 200, {}
+
+    def _refuse(self, message: str) -> None:
+        self._relay.stats.inc("deposits_refused")
+        logger.warning("Refused deposit: %s", message)
+        raise SynapseError(403, message, Codes.FORBIDDEN)
+
+
+class RelayTxnEndpoint:
+    """Retriever: the owner of a queue collects its oldest entry, one at a time."""
+
+    PATH = "/relay_txn/(?P<user_id>[^/]*)"
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def unsigned_body_is_harmless(self, content: JsonDict) -> bool:
+        # Only an acknowledgement deletes: a body that acknowledges nothing may be
+        # dropped without harm when a client signed the request without it.
+        return bool(content.get("entry_id", 0) == 0)
+
+    async def on_GET(
+        self, origin: str, content: JsonDict | None, query: Query, user_id: str
+    ) -> tuple[int, JsonDict]:
+        relay = self._relay
+        destination = destination_of(user_id)
+        if origin != destination:
+            relay.stats.inc("collects_refused")
+            logger.warning("Refused %s collecting the mail of %s", origin, destination)
+            raise SynapseError(
+                403, f"Only {destination} may collect its own mail", Codes.FORBIDDEN
+            )
+        acknowledged = parse_entry_id(content, query)
+        collected = await relay.store.acknowledge_and_get_oldest(
+            destination, acknowledged
+        )
+        relay.stats.inc("collects")
+        if collected.acknowledged:
+            relay.stats.inc("acknowledged")
+        entry = collected.entry
+        if entry is None:
+            return 200, {"transaction": {}, "entry_id": 0, "entries_queued": False}
+        return 200, {
+            "transaction": json.loads(entry.txn_json),
+            "entry_id": entry.entry_id,
+            "entries_queued": True,
+        }
