@@ -21,7 +21,7 @@ from synapse_relay._synapse import is_valid_server_name, mount_federation_endpoi
 from synapse_relay.config import RelayConfig
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
 from synapse_relay.stats import RoleStats
-from synapse_relay.store import QuotaExceeded, RelayStore
+from synapse_relay.store import NewEntry, Quota, QuotaExceeded, RelayStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,27 @@ def destination_of(user_id: str) -> str:
 
 
 def validate_txn_id(txn_id: str) -> None:
-    if not txn_id or len(txn_id.encode("utf-8")) > MAX_ID_LENGTH:
+    """1 to 255 bytes of printable characters (PostgreSQL TEXT cannot hold NUL)."""
+    if (
+        not txn_id
+        or len(txn_id.encode("utf-8", errors="replace")) > MAX_ID_LENGTH
+        or not txn_id.isprintable()
+        or not _is_encodable(txn_id)
+    ):
         raise SynapseError(
             400,
-            f"Invalid transaction ID: expected 1 to {MAX_ID_LENGTH} bytes",
+            f"Invalid transaction ID: expected 1 to {MAX_ID_LENGTH} bytes"
+            " of printable characters",
             Codes.INVALID_PARAM,
         )
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def build_transaction(
@@ -193,6 +208,10 @@ class Relay:
         self.store = store
         self.api = api
         self.stats = RoleStats("relay", RELAY_COUNTERS, per_relay=False)
+        self.quota = Quota(
+            max_transactions=config.max_transactions_per_destination,
+            max_bytes=config.max_bytes_per_destination,
+        )
 
     async def purge_expired(self) -> None:
         before = self.api.get_current_time_msec() - self.config.retention_ms
@@ -238,13 +257,14 @@ class SendRelayEndpoint:
         )
         try:
             deposit = await relay.store.deposit(
-                origin=origin,
-                txn_id=txn_id,
-                destination=destination,
-                txn_json=encode_canonical_json(transaction).decode("utf-8"),
-                now_ms=now_ms,
-                max_transactions=relay.config.max_transactions_per_destination,
-                max_bytes=relay.config.max_bytes_per_destination,
+                NewEntry(
+                    origin=origin,
+                    txn_id=txn_id,
+                    destination=destination,
+                    txn_json=encode_canonical_json(transaction).decode("utf-8"),
+                    received_ms=now_ms,
+                ),
+                relay.quota,
             )
         except QuotaExceeded as e:
             relay.stats.inc("deposits_refused")
