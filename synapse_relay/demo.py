@@ -1,0 +1,384 @@
+"""`synapse-relay demo`: the seed's diagram between three real homeservers.
+
+A (sender, alice), R (relay, holding mail for B) and B (recipient, bob) run on
+loopback. bob joins alice's room while all are online; B goes offline and alice
+sends messages, each deposited on R; A goes offline too and B comes back: bob
+receives every message through R, in order.
+
+`Scenario` is the scenario itself, step by step, shared with the end-to-end test;
+`main` adds the command line and the output meant for people.
+"""
+
+import argparse
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from synapse_relay.loopback import (
+    Homeserver,
+    PostgresCluster,
+    Timeout,
+    make_self_signed_cert,
+    wait_until,
+)
+
+# How long one message may take to reach R, then B, before the demo gives up.
+STEP_TIMEOUT = 60
+# B polls R this often (its first collection is at start-up).
+POLL_INTERVAL = "5s"
+
+
+class StepFailed(Exception):
+    """A step of the demo did not happen; the message says which and why."""
+
+
+class User:
+    """A user on one homeserver, speaking the client-server API."""
+
+    def __init__(
+        self, homeserver: Homeserver, localpart: str, admin: bool = False
+    ) -> None:
+        self.homeserver = homeserver
+        self.password = secrets.token_urlsafe(9)
+        self.user_id = homeserver.user_id(localpart)
+        self.token = homeserver.register_user(localpart, admin, self.password)
+
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        response = self.homeserver.client(
+            method,
+            "/_matrix/client/v3" + path,
+            token=self.token,
+            json=body,
+            params=params or None,
+        )
+        if not response.ok:
+            raise StepFailed(
+                f"{self.user_id}: {method} {path} answered {response.status_code}"
+                f" {response.text[:200]}"
+            )
+        return response.json()
+
+    def create_room(self, invite: str) -> str:
+        room_id: str = self.call(
+            "POST", "/createRoom", {"preset": "private_chat", "invite": [invite]}
+        )["room_id"]
+        return room_id
+
+    def join(self, room_id: str) -> None:
+        self.call("POST", f"/join/{quote(room_id)}", {})
+
+    def send_text(self, room_id: str, text: str) -> str:
+        txn_id = secrets.token_hex(8)
+        event_id: str = self.call(
+            "PUT",
+            f"/rooms/{quote(room_id)}/send/m.room.message/{txn_id}",
+            {"msgtype": "m.text", "body": text},
+        )["event_id"]
+        return event_id
+
+    def members(self, room_id: str) -> set[str]:
+        chunk = self.call("GET", f"/rooms/{quote(room_id)}/joined_members")
+        return set(chunk["joined"])
+
+    def texts(self, room_id: str) -> list[str]:
+        """The room's text messages, oldest first (the last 1000)."""
+        chunk = self.call(
+            "GET", f"/rooms/{quote(room_id)}/messages", dir="b", limit=1000
+        )["chunk"]
+        return [
+            e["content"].get("body", "")
+            for e in reversed(chunk)
+            if e["type"] == "m.room.message"
+        ]
+
+
+class Scenario:
+    """The three homeservers and the steps of the demo, each a method."""
+
+    def __init__(
+        self, directory: Path, postgres: PostgresCluster | None = None
+    ) -> None:
+        self.directory = directory
+        cert = make_self_signed_cert(directory / "tls")
+        # Server names are fixed by their ports, which every config needs first.
+        self.a, self.r, self.b = (
+            Homeserver(
+                directory / name,
+                cert=cert,
+                module_config=None,
+                database=postgres.create_database(f"demo_{name.lower()}")
+                if postgres
+                else None,
+            )
+            for name in ("A", "R", "B")
+        )
+        self.a.module_config = {
+            "send": {"relays": {self.b.server_name: [self.r.server_name]}}
+        }
+        self.r.module_config = {
+            "relay": {"enabled": True, "destinations": [self.b.server_name]}
+        }
+        self.b.module_config = {
+            "receive": {"relays": [self.r.server_name], "poll_interval": POLL_INTERVAL}
+        }
+        for homeserver in self.homeservers:
+            homeserver.write_config()
+        self.room_id = ""
+        self.sent: list[str] = []
+
+    @property
+    def homeservers(self) -> tuple[Homeserver, Homeserver, Homeserver]:
+        return self.a, self.r, self.b
+
+    def start(self, homeserver: Homeserver) -> float:
+        started = time.monotonic()
+        homeserver.start()
+        return time.monotonic() - started
+
+    def setup_users(self) -> None:
+        self.alice = User(self.a, "alice")
+        self.bob = User(self.b, "bob")
+        self.relay_admin = User(self.r, "admin", admin=True)
+
+    def join_room(self) -> None:
+        """alice creates a room and invites bob, who joins over federation."""
+        self.room_id = self.alice.create_room(invite=self.bob.user_id)
+        _wait(lambda: self._invited(), f"bob's invite to reach {self.b.server_name}")
+        self.bob.join(self.room_id)
+        # Synapse joins remote rooms with partial state and fetches the rest from A
+        # in the background; /members answers once that is done. B must not go
+        # offline before: a partial-state room waits for A to complete it.
+        self.bob.call("GET", f"/rooms/{quote(self.room_id)}/members")
+        _wait(
+            lambda: self.bob.user_id in self.alice.members(self.room_id),
+            f"bob's join to reach {self.a.server_name}",
+        )
+
+    def _invited(self) -> bool:
+        sync = self.bob.call("GET", "/sync", timeout=0)
+        return self.room_id in sync.get("rooms", {}).get("invite", {})
+
+    def queued_for_b(self) -> int:
+        response = self.r.client(
+            "GET", "/_synapse/relay/v1/queues", token=self.relay_admin.token
+        )
+        if not response.ok:
+            raise StepFailed(f"R's admin API answered {response.status_code}")
+        for queue in response.json()["queues"]:
+            if queue["destination"] == self.b.server_name:
+                return int(queue["transactions"])
+        return 0
+
+    def send_while_b_offline(self, number: int) -> float:
+        """alice sends message `number`; returns the seconds until R holds it."""
+        before = self.queued_for_b()
+        text = f"message {number} from alice, sent while B was offline"
+        started = time.monotonic()
+        self.alice.send_text(self.room_id, text)
+        self.sent.append(text)
+        _wait(
+            lambda: self.queued_for_b() > before,
+            f"message {number} to be deposited on R",
+        )
+        return time.monotonic() - started
+
+    def received(self) -> list[str]:
+        return [t for t in self.bob.texts(self.room_id) if t in self.sent]
+
+    def wait_for_message(self, index: int) -> None:
+        _wait(
+            lambda: len(self.received()) > index,
+            f"message {index + 1} to reach bob through R",
+        )
+
+    def stop_all(self) -> None:
+        for homeserver in self.homeservers:
+            homeserver.stop()
+
+
+def _wait(predicate: Callable[[], Any], what: str) -> None:
+    try:
+        wait_until(predicate, STEP_TIMEOUT, what, interval=0.05)
+    except Timeout as e:
+        raise StepFailed(str(e)) from None
+
+
+class Narrator:
+    """Prints the demo's steps for people."""
+
+    def __init__(self, out: TextIO, steps: int) -> None:
+        self._out = out
+        self._steps = steps
+        self._step = 0
+
+    def step(self, text: str) -> None:
+        self._step += 1
+        self.say(f"\n[{self._step}/{self._steps}] {text}", indent="")
+
+    @property
+    def current(self) -> int:
+        return self._step
+
+    def say(self, text: str, indent: str = "      ") -> None:
+        print(indent + text, file=self._out, flush=True)
+
+
+def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
+    """Run the whole demo; raises StepFailed when a step fails."""
+    say = Narrator(out, steps=6)
+    a, r, b = scenario.homeservers
+    say.step(f"Starting three homeservers in {scenario.directory}")
+    say.say(f"A  {a.server_name:<17} sender: falls back to B's relay R")
+    say.say(f"R  {r.server_name:<17} relay: holds mail for B")
+    say.say(f"B  {b.server_name:<17} recipient: collects from R every {POLL_INTERVAL}")
+    for name, homeserver in zip("ARB", scenario.homeservers, strict=True):
+        say.say(f"{name} is up after {scenario.start(homeserver):.1f}s")
+
+    say.step("alice@A creates a room; bob@B joins it while everyone is online")
+    scenario.setup_users()
+    scenario.join_room()
+    say.say(f"room {scenario.room_id}: alice and bob are both in it")
+
+    say.step(f"B goes offline; alice sends {messages} messages")
+    b.stop()
+    for number in range(1, messages + 1):
+        seconds = scenario.send_while_b_offline(number)
+        say.say(f"message {number} deposited on R {seconds:.2f}s after alice sent it")
+    say.say(f"R holds {scenario.queued_for_b()} transactions for B")
+
+    say.step("A goes offline too; B comes back")
+    a.stop()
+    started = time.monotonic()
+    scenario.start(b)
+    say.say(f"B is up after {time.monotonic() - started:.1f}s; A is still offline")
+
+    say.step("bob receives the messages through R")
+    for index in range(messages):
+        scenario.wait_for_message(index)
+        say.say(
+            f"message {index + 1} in bob's timeline"
+            f" {time.monotonic() - started:.2f}s after B started"
+        )
+    received = scenario.received()
+    if received != scenario.sent:
+        raise StepFailed(f"bob's timeline has {received}, expected {scenario.sent}")
+    _wait(lambda: scenario.queued_for_b() == 0, "R's queue for B to be empty")
+
+    say.step("Summary")
+    say.say(
+        f"{messages}/{messages} messages crossed from alice to bob through R, in"
+        " order, while B was offline and then A was offline."
+    )
+    say.say("R's queue for B is empty: every entry was acknowledged after processing.")
+    if keep:
+        scenario.start(a)
+        say.say("The three homeservers keep running (--keep):")
+        for name, homeserver, user in (
+            ("A", a, scenario.alice),
+            ("R", r, scenario.relay_admin),
+            ("B", b, scenario.bob),
+        ):
+            say.say(
+                f"  {name}  {homeserver.base_url}  user {user.user_id}"
+                f"  password {user.password}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="synapse-relay demo",
+        description="Three real homeservers on loopback show a message crossing "
+        "through a relay while its recipient, then its sender, is offline.",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=3,
+        metavar="N",
+        help="how many messages alice sends (default 3)",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="use a throwaway PostgreSQL server instead of SQLite",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the homeservers running to explore them",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="where to put the homeservers (default: a new temp dir)",
+    )
+    args = parser.parse_args(argv)
+    if args.messages < 1:
+        parser.error("--messages must be at least 1")
+    out = sys.stdout
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="synapse-relay-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    print("synapse-relay demo: a relay carries alice's messages to bob", file=out)
+    succeeded = False
+    with _terminated_as_interrupt(), _postgres(args.postgres, args.keep) as postgres:
+        scenario = Scenario(directory, postgres)
+        try:
+            run(scenario, args.messages, args.keep, out)
+            succeeded = True
+        except (StepFailed, RuntimeError) as e:
+            print(
+                f"\ndemo failed: {e}\nhomeserver logs: {directory}/*/homeserver.log",
+                file=out,
+            )
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping the homeservers", file=out)
+            return 130
+        finally:
+            if not (args.keep and succeeded):
+                scenario.stop_all()
+    if not args.keep and args.dir is None:
+        shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+@contextmanager
+def _postgres(enabled: bool, keep: bool) -> Iterator[PostgresCluster | None]:
+    """A throwaway PostgreSQL server, left running with --keep."""
+    if not enabled:
+        yield None
+        return
+    if PostgresCluster.find_bindir() is None:
+        raise SystemExit(
+            "--postgres needs PostgreSQL installed (on Debian: apt-get install"
+            " postgresql)"
+        )
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        if not keep:
+            cluster.stop()
+
+
+@contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM cleans up like Ctrl-C does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
