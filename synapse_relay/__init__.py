@@ -7,9 +7,18 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_relay.admin import PREFIX, AdminResource, QueuesEndpoint, StatusEndpoint
+from synapse_relay.admin import (
+    PREFIX,
+    AdminResource,
+    CollectEndpoint,
+    QueuesEndpoint,
+    RelaysEndpoint,
+    StatusEndpoint,
+)
+from synapse_relay.collector import start_receive_role
 from synapse_relay.config import RelayModuleConfig, parse_config
 from synapse_relay.relay import start_relay_role
+from synapse_relay.sender import start_send_role
 from synapse_relay.store import RelayStore
 
 __all__ = ["RelayModule"]
@@ -24,6 +33,8 @@ class RelayModule:
         api.run_as_background_process("synapse_relay_schema", store.ensure_schema)
 
         relay = start_relay_role(config.relay, store, api)
+        sender = start_send_role(config.send, store, api)
+        collector = start_receive_role(config.receive, store, api)
 
         api.register_web_resource(
             PREFIX,
@@ -31,7 +42,15 @@ class RelayModule:
                 api,
                 [
                     QueuesEndpoint(store),
-                    StatusEndpoint({"relay": relay.stats if relay else None}),
+                    RelaysEndpoint(config.send, store, api, sender),
+                    StatusEndpoint(
+                        {
+                            "relay": relay.stats if relay else None,
+                            "send": sender.stats if sender else None,
+                            "receive": collector.stats if collector else None,
+                        }
+                    ),
+                    CollectEndpoint(collector),
                 ],
             ),
         )

@@ -7,6 +7,7 @@ user who is not a server admin) before routing, so callers who are not admins
 learn nothing about which paths exist.
 """
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -17,9 +18,14 @@ from synapse.module_api import (
     JsonDict,
     ModuleApi,
     SynapseRequest,
+    parse_json_object_from_request,
 )
 from synapse.module_api.errors import Codes, SynapseError
 
+from synapse_relay._synapse import is_valid_server_name
+from synapse_relay.collector import Collector
+from synapse_relay.config import SendConfig
+from synapse_relay.sender import Sender, relays_of
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import RelayStore
 
@@ -68,6 +74,163 @@ class StatusEndpoint:
             role: None if stats is None else stats.snapshot()
             for role, stats in self._roles.items()
         }
+
+
+class CollectEndpoint:
+    """POST collect: collect our mail from our relays now (the receive role).
+
+    Joins the collection under way, if any, and answers when it is done with how
+    many transactions were processed and rejected, in all and per relay.
+    """
+
+    PATH = "collect"
+
+    def __init__(self, collector: Collector | None) -> None:
+        self._collector = collector
+
+    async def on_POST(self, request: SynapseRequest) -> tuple[int, JsonDict]:
+        if self._collector is None:
+            raise SynapseError(
+                400,
+                "The receive role is not enabled: receive.relays is empty",
+                Codes.UNKNOWN,
+            )
+        if not self._collector.runs_here:
+            raise SynapseError(
+                409,
+                "Only the instance that runs background tasks collects (the one"
+                " named by run_background_tasks_on, the main process by default):"
+                " send this request to it",
+                Codes.UNKNOWN,
+            )
+        result = await self._collector.collect()
+        return 200, result.to_json()
+
+
+class RelaysEndpoint:
+    """GET/PUT/DELETE relays/{destination}: the send role's relays of a destination.
+
+    PUT stores them in the database, where they override `send.relays` for that
+    destination (an empty list: no relays); DELETE reverts to `send.relays`. Each
+    answers the destination's relays as they now are. A change counts at once on
+    this process and within `sender.MAPPING_CACHE_MS` on the others.
+    """
+
+    PATH = "relays/(?P<destination>[^/]+)"
+
+    def __init__(
+        self,
+        config: SendConfig,
+        store: RelayStore,
+        api: ModuleApi,
+        sender: Sender | None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._server_name = api.server_name
+        self._sender = sender
+
+    async def on_GET(
+        self, request: SynapseRequest, destination: str
+    ) -> tuple[int, JsonDict]:
+        self._check_destination(destination)
+        return 200, await self._describe(destination)
+
+    async def on_PUT(
+        self, request: SynapseRequest, destination: str
+    ) -> tuple[int, JsonDict]:
+        self._check_destination(destination)
+        relays = parse_relays(
+            parse_json_object_from_request(request), destination, self._server_name
+        )
+        await self._store.set_send_relays(destination, relays)
+        self._changed(destination)
+        return 200, await self._describe(destination)
+
+    async def on_DELETE(
+        self, request: SynapseRequest, destination: str
+    ) -> tuple[int, JsonDict]:
+        self._check_destination(destination)
+        await self._store.delete_send_relays(destination)
+        self._changed(destination)
+        return 200, await self._describe(destination)
+
+    def _check_destination(self, destination: str) -> None:
+        if not is_valid_server_name(destination):
+            raise SynapseError(
+                400,
+                f"Invalid destination {destination!r}: expected a server name such"
+                " as example.org or example.org:8448",
+                Codes.INVALID_PARAM,
+            )
+        if destination == self._server_name:
+            raise SynapseError(
+                400,
+                f"{destination} is this server: it has no relays to send to",
+                Codes.INVALID_PARAM,
+            )
+
+    def _changed(self, destination: str) -> None:
+        if self._sender is not None:
+            self._sender.mapping_changed(destination)
+
+    async def _describe(self, destination: str) -> JsonDict:
+        found = await relays_of(self._config, self._store, destination)
+        return {
+            "destination": destination,
+            "relays": list(found.relays),
+            "source": found.source,
+            "config_relays": list(found.config_relays),
+        }
+
+
+# At most this many relays per destination: each transaction goes to all of them.
+MAX_RELAYS = 20
+
+
+def parse_relays(
+    content: JsonDict, destination: str, own_server_name: str
+) -> tuple[str, ...]:
+    """The relays of a PUT relays/{destination} body; 400 with a clear message."""
+    relays = content.get("relays")
+    if not isinstance(relays, list):
+        raise SynapseError(
+            400,
+            'Expected {"relays": [...]}, a list of server names (an empty list for'
+            " no relays)",
+            Codes.BAD_JSON,
+        )
+    if len(relays) > MAX_RELAYS:
+        raise SynapseError(
+            400,
+            f"Too many relays: {len(relays)}, at most {MAX_RELAYS}",
+            Codes.INVALID_PARAM,
+        )
+    for index, relay in enumerate(relays):
+        if not isinstance(relay, str) or not is_valid_server_name(relay):
+            raise SynapseError(
+                400,
+                f"relays[{index}]: {json.dumps(relay)} is not a server name",
+                Codes.INVALID_PARAM,
+            )
+        if relay == destination:
+            raise SynapseError(
+                400,
+                f"relays[{index}]: {relay} is the destination itself",
+                Codes.INVALID_PARAM,
+            )
+        if relay == own_server_name:
+            raise SynapseError(
+                400,
+                f"relays[{index}]: {relay} is this server, which cannot hold mail"
+                " for transactions it failed to send",
+                Codes.INVALID_PARAM,
+            )
+        if relay in relays[:index]:
+            raise SynapseError(
+                400, f"relays[{index}]: {relay} is listed twice", Codes.INVALID_PARAM
+            )
+    return tuple(relays)
 
 
 class AdminResource(DirectServeJsonResource):

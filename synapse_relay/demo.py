@@ -10,6 +10,7 @@ receives every message through R, in order.
 """
 
 import argparse
+import json
 import secrets
 import shutil
 import signal
@@ -25,7 +26,7 @@ from urllib.parse import quote
 from synapse_relay.loopback import (
     Homeserver,
     PostgresCluster,
-    Timeout,
+    free_port,
     make_self_signed_cert,
     wait_until,
 )
@@ -34,6 +35,9 @@ from synapse_relay.loopback import (
 STEP_TIMEOUT = 60
 # B polls R this often (its first collection is at start-up).
 POLL_INTERVAL = "5s"
+
+
+_TIMELINE_FILTER = json.dumps({"room": {"timeline": {"limit": 1000}}})
 
 
 class StepFailed(Exception):
@@ -50,6 +54,8 @@ class User:
         self.password = secrets.token_urlsafe(9)
         self.user_id = homeserver.user_id(localpart)
         self.token = homeserver.register_user(localpart, admin, self.password)
+        self._since = ""
+        self._texts: dict[str, list[str]] = {}
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         response = self.homeserver.client(
@@ -89,15 +95,24 @@ class User:
         return set(chunk["joined"])
 
     def texts(self, room_id: str) -> list[str]:
-        """The room's text messages, oldest first (the last 1000)."""
-        chunk = self.call(
-            "GET", f"/rooms/{quote(room_id)}/messages", dir="b", limit=1000
-        )["chunk"]
-        return [
-            e["content"].get("body", "")
-            for e in reversed(chunk)
-            if e["type"] == "m.room.message"
-        ]
+        """The room's text messages seen so far by syncing, oldest first.
+
+        Read from /sync, incrementally as clients do, rather than /messages: that
+        first tries to backfill from the room's other servers, and waits for the
+        offline ones.
+        """
+        params: dict[str, Any] = {"timeout": 0, "filter": _TIMELINE_FILTER}
+        if self._since:
+            params["since"] = self._since
+        sync = self.call("GET", "/sync", **params)
+        self._since = sync["next_batch"]
+        for joined_room_id, room in sync.get("rooms", {}).get("join", {}).items():
+            self._texts.setdefault(joined_room_id, []).extend(
+                e["content"].get("body", "")
+                for e in room.get("timeline", {}).get("events", [])
+                if e["type"] == "m.room.message"
+            )
+        return self._texts.get(room_id, [])
 
 
 class Scenario:
@@ -111,9 +126,9 @@ class Scenario:
         # Server names are fixed by their ports, which every config needs first.
         self.a, self.r, self.b = (
             Homeserver(
-                directory / name,
+                workdir=directory / name,
+                port=free_port(),
                 cert=cert,
-                module_config=None,
                 database=postgres.create_database(f"demo_{name.lower()}")
                 if postgres
                 else None,
@@ -129,8 +144,6 @@ class Scenario:
         self.b.module_config = {
             "receive": {"relays": [self.r.server_name], "poll_interval": POLL_INTERVAL}
         }
-        for homeserver in self.homeservers:
-            homeserver.write_config()
         self.room_id = ""
         self.sent: list[str] = []
 
@@ -206,8 +219,8 @@ class Scenario:
 
 def _wait(predicate: Callable[[], Any], what: str) -> None:
     try:
-        wait_until(predicate, STEP_TIMEOUT, what, interval=0.05)
-    except Timeout as e:
+        wait_until(predicate, STEP_TIMEOUT, interval=0.05, message=what)
+    except TimeoutError as e:
         raise StepFailed(str(e)) from None
 
 
@@ -356,7 +369,7 @@ def _postgres(enabled: bool, keep: bool) -> Iterator[PostgresCluster | None]:
     if not enabled:
         yield None
         return
-    if PostgresCluster.find_bindir() is None:
+    if not PostgresCluster.available():
         raise SystemExit(
             "--postgres needs PostgreSQL installed (on Debian: apt-get install"
             " postgresql)"

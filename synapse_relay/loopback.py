@@ -1,20 +1,24 @@
 """Real Synapse homeservers on loopback, for the demo, the tests and the benchmarks.
 
-Each `Homeserver` is a real `synapse.app.homeserver` process with this module
-loaded, named `localhost:PORT`, serving the client and federation APIs over TLS on
+A `Homeserver` is a real `synapse.app.homeserver` process with this module loaded,
+named `localhost:PORT`, serving the client and federation APIs over TLS on
 127.0.0.1:PORT with a self-signed certificate. Homeservers started this way federate
 with each other (certificate checks off, loopback allowed) and with nothing else
-(`trusted_key_servers: []`).
+(`trusted_key_servers: []`). `PostgresCluster` is a throwaway PostgreSQL server for
+their databases.
 
 This file is synchronous on purpose: it drives processes and speaks plain HTTP to
 them, as an admin's script would, with `requests` (a dependency of Synapse).
 """
 
 import datetime
+import glob
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -25,8 +29,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
+import psycopg2
 import requests
 import urllib3
 import yaml
@@ -34,50 +40,399 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from psycopg2 import sql
 from signedjson.key import generate_signing_key, write_signing_keys
 
-# Self-signed certificates on loopback are the point here.
+# Every server here uses a self-signed certificate.
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
+MODULE = "synapse_relay.RelayModule"
+DEFAULT_PASSWORD = "harness-password"
+HTTP_TIMEOUT = 30
 
 T = TypeVar("T")
 
-# Generous limits: scripted clients and servers send in bursts.
-_RATE = {"per_second": 1000, "burst_count": 10000}
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.1,
+    message: str = "condition",
+) -> T:
+    """Call `predicate` every `interval` seconds until it returns something truthy,
+    and return that. Raise TimeoutError after `timeout` seconds. Exceptions of
+    `predicate` propagate, so it can abort the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{message} not met within {timeout} s")
+        time.sleep(interval)
+
+
+def tail(path: Path, n: int) -> str:
+    """The last `n` lines of a text file, or a note that it does not exist."""
+    if not path.exists():
+        return f"({path.name} does not exist)"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+class HomeserverError(RuntimeError):
+    """A homeserver failed to start or to answer as expected."""
+
+
+_GENEROUS = {"per_second": 1000, "burst_count": 10000}
+_RATE_LIMITS: dict[str, Any] = {
+    **dict.fromkeys(
+        (
+            "rc_message",
+            "rc_registration",
+            "rc_registration_token_validity",
+            "rc_admin_redaction",
+            "rc_joins_per_room",
+            "rc_key_requests",
+            "rc_3pid_validation",
+            "rc_third_party_invite",
+            "rc_media_create",
+            "rc_delayed_event_mgmt",
+            "rc_room_creation",
+            "rc_reports",
+            "rc_user_directory",
+            "rc_profile",
+        ),
+        _GENEROUS,
+    ),
+    "rc_login": dict.fromkeys(("address", "account", "failed_attempts"), _GENEROUS),
+    "rc_joins": dict.fromkeys(("local", "remote"), _GENEROUS),
+    "rc_invites": dict.fromkeys(("per_room", "per_user", "per_issuer"), _GENEROUS),
+    "rc_presence": {"per_user": _GENEROUS},
+    "rc_federation": {
+        "window_size": 1000,
+        "sleep_limit": 1000,
+        "sleep_delay": 1,
+        "reject_limit": 10000,
+        "concurrent": 1000,
+    },
+}
+
 _LOG_FORMAT = (
     "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s"
 )
 
 
-class Timeout(Exception):
-    """A condition polled for did not come true before its deadline."""
+class Homeserver:
+    """One Synapse process: server name `localhost:<port>`, a single TLS listener
+    on 127.0.0.1:<port> serving the client and federation APIs.
+
+    `module_config` is the `config:` of synapse_relay.RelayModule (None: the module
+    is not loaded); `database` is a Synapse `database:` section (None: SQLite in
+    `workdir`); `extra_config` is merged last, shallowly, into homeserver.yaml.
+    Change `module_config` (or the others) and `restart()` to reconfigure.
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        port: int,
+        cert: tuple[Path, Path],
+        module_config: dict[str, Any] | None = None,
+        database: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.cert = cert
+        self.module_config = module_config
+        self.database = database
+        self.extra_config = extra_config
+        self.server_name = f"localhost:{port}"
+        self.base_url = f"https://127.0.0.1:{port}"
+        self.config_path = workdir / "homeserver.yaml"
+        self.log_path = workdir / "homeserver.log"
+        self.stdout_path = workdir / "stdout.log"
+        self.registration_shared_secret = secrets.token_hex(16)
+        self._secrets = {
+            "macaroon_secret_key": secrets.token_hex(16),
+            "form_secret": secrets.token_hex(16),
+        }
+        self._process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.signing_key_path = workdir / "signing.key"
+        with self.signing_key_path.open("w") as f:
+            write_signing_keys(f, [generate_signing_key("a_" + secrets.token_hex(2))])
+
+    def __repr__(self) -> str:
+        return f"<Homeserver {self.server_name} in {self.workdir}>"
+
+    # -- configuration -------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The content of homeserver.yaml for the current attributes."""
+        tls_cert, tls_key = self.cert
+        config: dict[str, Any] = {
+            "server_name": self.server_name,
+            "public_baseurl": f"{self.base_url}/",
+            "pid_file": str(self.workdir / "homeserver.pid"),
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": True,
+                    "x_forwarded": False,
+                    "resources": [
+                        {"names": ["client", "federation"], "compress": False}
+                    ],
+                }
+            ],
+            "tls_certificate_path": str(tls_cert),
+            "tls_private_key_path": str(tls_key),
+            "signing_key_path": str(self.signing_key_path),
+            "database": self.database
+            or {
+                "name": "sqlite3",
+                "args": {"database": str(self.workdir / "homeserver.db")},
+            },
+            "log_config": str(self.workdir / "log.yaml"),
+            "media_store_path": str(self.workdir / "media_store"),
+            "federation_verify_certificates": False,
+            "federation_ip_range_blacklist": [],
+            "ip_range_blacklist": [],
+            "report_stats": False,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "registration_shared_secret": self.registration_shared_secret,
+            "enable_registration": False,
+            **self._secrets,
+            **_RATE_LIMITS,
+        }
+        if self.module_config is not None:
+            config["modules"] = [{"module": MODULE, "config": self.module_config}]
+        config.update(self.extra_config or {})
+        return config
+
+    def log_config(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "formatters": {"precise": {"format": _LOG_FORMAT}},
+            "filters": {
+                "context": {"()": "synapse.logging.context.LoggingContextFilter"}
+            },
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "formatter": "precise",
+                    "filters": ["context"],
+                    "filename": str(self.log_path),
+                    "encoding": "utf8",
+                }
+            },
+            "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
+            "root": {"level": "INFO", "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }
+
+    def write_config(self) -> None:
+        """Write homeserver.yaml and log.yaml from the current attributes."""
+        (self.workdir / "log.yaml").write_text(yaml.safe_dump(self.log_config()))
+        self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+
+    # -- process -------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 60) -> None:
+        """Write the configuration, start Synapse and wait until /health answers
+        200. On failure the process is killed and HomeserverError carries the
+        ends of its logs."""
+        if self.is_running:
+            raise HomeserverError(f"{self} is already running")
+        self.write_config()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [_checkout_root(), env.get("PYTHONPATH")])
+        )
+        with self.stdout_path.open("ab") as stdout:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "synapse.app.homeserver",
+                    "-c",
+                    str(self.config_path),
+                ],
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(self._healthy, timeout, message=f"{self} healthy")
+        except (HomeserverError, TimeoutError) as e:
+            self.kill()
+            raise HomeserverError(f"{e}\n{self.failure_report()}") from None
+        except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
+            self.kill()
+            raise
+
+    def _healthy(self) -> bool:
+        assert self._process is not None
+        code = self._process.poll()
+        if code is not None:
+            raise HomeserverError(f"{self} exited with code {code} during start-up")
+        try:
+            response = requests.get(f"{self.base_url}/health", verify=False, timeout=5)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL and reap the process (a crash, for tests)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def restart(self, timeout: float = 60) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def __enter__(self) -> "Homeserver":
+        if not self.is_running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 40) -> str:
+        """The last `n` lines of homeserver.log."""
+        return tail(self.log_path, n)
+
+    def failure_report(self, n: int = 40) -> str:
+        return (
+            f"--- last {n} lines of {self.log_path}\n{tail(self.log_path, n)}\n"
+            f"--- last {n} lines of {self.stdout_path}\n{tail(self.stdout_path, n)}"
+        )
+
+    # -- client API ----------------------------------------------------------
+
+    def client(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> requests.Response:
+        """A client-API (or admin-API) request; `path` starts with `/_matrix` or
+        `/_synapse`."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.request(
+            method,
+            self.base_url + path,
+            headers=headers,
+            json=json,
+            params=params,
+            verify=False,
+            timeout=HTTP_TIMEOUT,
+        )
+
+    def _checked(self, response: requests.Response, what: str) -> Any:
+        if response.status_code != 200:
+            raise HomeserverError(
+                f"{what} on {self}: {response.status_code} {response.text}"
+            )
+        return response.json()
+
+    def register_user(
+        self, localpart: str, admin: bool = False, password: str = DEFAULT_PASSWORD
+    ) -> str:
+        """Register a user with the shared-secret admin API; return its token."""
+        path = "/_synapse/admin/v1/register"
+        nonce = self._checked(self.client("GET", path), "register nonce")["nonce"]
+        mac = hmac.new(self.registration_shared_secret.encode(), digestmod=hashlib.sha1)
+        mac.update(
+            b"\x00".join(
+                [
+                    nonce.encode(),
+                    localpart.encode(),
+                    password.encode(),
+                    b"admin" if admin else b"notadmin",
+                ]
+            )
+        )
+        body = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
+        result = self._checked(self.client("POST", path, json=body), "register")
+        token: str = result["access_token"]
+        return token
+
+    def login(self, localpart: str, password: str = DEFAULT_PASSWORD) -> str:
+        """Log in with a password; return the new access token."""
+        body = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": localpart},
+            "password": password,
+        }
+        response = self.client("POST", "/_matrix/client/v3/login", json=body)
+        token: str = self._checked(response, "login")["access_token"]
+        return token
+
+    def user_id(self, localpart: str) -> str:
+        return f"@{localpart}:{self.server_name}"
 
 
-def wait_until(
-    predicate: Callable[[], T | None | bool],
-    timeout: float,
-    what: str = "condition",
-    interval: float = 0.05,
-) -> T:
-    """Poll `predicate` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise Timeout(f"{what} not reached within {timeout:g}s")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _checkout_root() -> str | None:
+    """The checkout holding this package, when it runs from one (so that Synapse
+    loads the module from the checkout rather than an installed copy)."""
+    root = Path(__file__).resolve().parent.parent
+    return str(root) if (root / "setup.cfg").exists() else None
 
 
 def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1, and its key, written to files."""
+    """Write `tls.crt` and `tls.key` into `directory`, valid for localhost and
+    127.0.0.1 for a year, and return their paths (certificate, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -93,374 +448,166 @@ def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
                 ]
             ),
             critical=False,
         )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path = directory / "tls.crt"
+    key_path = directory / "tls.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
     )
+    key_path.chmod(0o600)
     return cert_path, key_path
 
 
-class Homeserver:
-    """One real Synapse process on 127.0.0.1, with the relay module loaded."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        cert: tuple[Path, Path],
-        module_config: dict[str, Any] | None,
-        database: dict[str, Any] | None = None,
-        extra_config: dict[str, Any] | None = None,
-        port: int | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.server_name = f"localhost:{self.port}"
-        self.base_url = f"https://127.0.0.1:{self.port}"
-        self.cert = cert
-        self.module_config = module_config
-        self.database = database
-        self.extra_config = extra_config or {}
-        self.config_path = workdir / "homeserver.yaml"
-        self.log_path = workdir / "homeserver.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._shared_secret = secrets.token_hex(16)
-        self._session = loopback_session()
-        workdir.mkdir(parents=True, exist_ok=True)
-        with open(workdir / "signing.key", "w") as f:
-            write_signing_keys(f, [generate_signing_key("a_" + secrets.token_hex(2))])
-        self.write_config()
-
-    # --- configuration and process ----------------------------------------------
-
-    def write_config(self) -> None:
-        """(Re)write homeserver.yaml from the attributes; takes effect at start."""
-        self.config_path.write_text(yaml.safe_dump(self._config()))
-        (self.workdir / "log.yaml").write_text(yaml.safe_dump(self._log_config()))
-
-    def _config(self) -> dict[str, Any]:
-        rate = dict(_RATE)
-        config: dict[str, Any] = {
-            "server_name": self.server_name,
-            "public_baseurl": self.base_url + "/",
-            "pid_file": str(self.workdir / "homeserver.pid"),
-            "listeners": [
-                {
-                    "port": self.port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "tls": True,
-                    "type": "http",
-                    "x_forwarded": False,
-                    "resources": [{"names": ["client", "federation"]}],
-                }
-            ],
-            "tls_certificate_path": str(self.cert[0]),
-            "tls_private_key_path": str(self.cert[1]),
-            "database": self.database
-            or {
-                "name": "sqlite3",
-                "args": {"database": str(self.workdir / "homeserver.db")},
-            },
-            "log_config": str(self.workdir / "log.yaml"),
-            "media_store_path": str(self.workdir / "media"),
-            "signing_key_path": str(self.workdir / "signing.key"),
-            "report_stats": False,
-            "trusted_key_servers": [],
-            "suppress_key_server_warning": True,
-            "federation_verify_certificates": False,
-            "federation_ip_range_blacklist": [],
-            "ip_range_blacklist": [],
-            "enable_registration": False,
-            "registration_shared_secret": self._shared_secret,
-            "macaroon_secret_key": secrets.token_hex(16),
-            "form_secret": secrets.token_hex(16),
-            "rc_message": rate,
-            "rc_registration": rate,
-            "rc_login": {"address": rate, "account": rate, "failed_attempts": rate},
-            "rc_joins": {"local": rate, "remote": rate},
-            "rc_invites": {"per_room": rate, "per_user": rate, "per_issuer": rate},
-            "rc_admin_redaction": rate,
-            "rc_federation": {
-                "window_size": 1000,
-                "sleep_limit": 1000,
-                "sleep_delay": 1,
-                "reject_limit": 10000,
-                "concurrent": 1000,
-            },
-        }
-        if self.module_config is not None:
-            config["modules"] = [
-                {"module": "synapse_relay.RelayModule", "config": self.module_config}
-            ]
-        config.update(self.extra_config)
-        return config
-
-    def _log_config(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "formatters": {"precise": {"format": _LOG_FORMAT}},
-            "filters": {
-                "context": {
-                    "()": "synapse.logging.context.LoggingContextFilter",
-                    "request": "",
-                }
-            },
-            "handlers": {
-                "file": {
-                    "class": "logging.FileHandler",
-                    "formatter": "precise",
-                    "filename": str(self.log_path),
-                    "filters": ["context"],
-                }
-            },
-            "root": {"level": "INFO", "handlers": ["file"]},
-            "disable_existing_loggers": False,
-        }
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self, timeout: float = 60) -> None:
-        """Start Synapse and wait until it answers /health."""
-        assert not self.is_running, f"{self.server_name} is already running"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_checkout_root(), env.get("PYTHONPATH")) if p
-        )
-        with open(self.workdir / "stdout.log", "ab") as out:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "synapse.app.homeserver",
-                    "-c",
-                    str(self.config_path),
-                ],
-                cwd=self.workdir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-        def healthy() -> bool:
-            if not self.is_running:
-                raise RuntimeError(
-                    f"{self.server_name} exited at start-up:\n{self.log_tail()}"
-                )
-            try:
-                return self._session.get(f"{self.base_url}/health", timeout=2).ok
-            except requests.RequestException:
-                return False
-
-        try:
-            wait_until(healthy, timeout, f"{self.server_name} healthy")
-        except Timeout:
-            self.kill()
-            raise RuntimeError(
-                f"{self.server_name} not healthy after {timeout:g}s:\n{self.log_tail()}"
-            ) from None
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        parts = []
-        for path in (self.log_path, self.workdir / "stdout.log"):
-            if path.exists():
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {path}\n" + "\n".join(text))
-        return "\n".join(parts)
-
-    # --- client API -----------------------------------------------------------------
-
-    def client(
-        self,
-        method: str,
-        path: str,
-        token: str | None = None,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-        timeout: float = 30,
-    ) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self._session.request(
-            method,
-            self.base_url + path,
-            json=json,
-            params=params,
-            headers=headers,
-            timeout=timeout,
-        )
-
-    def register_user(
-        self, localpart: str, admin: bool = False, password: str | None = None
-    ) -> str:
-        """Register a user with the shared secret; returns its access token."""
-        password = password or secrets.token_hex(8)
-        path = "/_synapse/admin/v1/register"
-        nonce = self.client("GET", path).json()["nonce"]
-        mac = hmac.new(self._shared_secret.encode(), digestmod=hashlib.sha1)
-        mac.update(
-            b"\x00".join(
-                [
-                    nonce.encode(),
-                    localpart.encode(),
-                    password.encode(),
-                    b"admin" if admin else b"notadmin",
-                ]
-            )
-        )
-        response = self.client(
-            "POST",
-            path,
-            json={
-                "nonce": nonce,
-                "username": localpart,
-                "password": password,
-                "admin": admin,
-                "mac": mac.hexdigest(),
-            },
-        )
-        response.raise_for_status()
-        token: str = response.json()["access_token"]
-        return token
-
-    def user_id(self, localpart: str) -> str:
-        return f"@{localpart}:{self.server_name}"
+SUPERUSER = "postgres"
 
 
-def loopback_session() -> requests.Session:
-    """An HTTP session for self-signed loopback servers.
-
-    It ignores the environment (REQUESTS_CA_BUNDLE would override `verify`, and
-    proxies have no business on loopback).
-    """
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = False
-    return session
-
-
-def _checkout_root() -> str | None:
-    """The directory holding this package when it runs from a checkout."""
-    root = Path(__file__).resolve().parent.parent
-    return str(root) if (root / "setup.cfg").exists() else None
+class PostgresError(RuntimeError):
+    """The PostgreSQL server could not be set up."""
 
 
 class PostgresCluster:
-    """A throwaway PostgreSQL server: initdb and pg_ctl into a temporary directory.
-
-    initdb and postgres refuse to run as root; as root they run as the `postgres`
-    system user that Debian's package creates.
-    """
+    """initdb + postgres on 127.0.0.1:<free port> in a temporary directory (also
+    holding the unix socket). As root, the programs run as the `postgres` system
+    user, since they refuse to run as root."""
 
     def __init__(self) -> None:
-        self.bindir = self.find_bindir()
-        if self.bindir is None:
-            raise RuntimeError(
-                "PostgreSQL is not installed (on Debian: apt-get install postgresql)"
-            )
+        bindir = self.bindir()
+        if bindir is None:
+            raise PostgresError("PostgreSQL binaries not found")
+        self._bindir = bindir
+        self._as_root = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="synapse-relay-pg-"))
+        self.datadir = self.root / "data"
+        self.log_path = self.root / "postgres.log"
+        self.host = "127.0.0.1"
         self.port = free_port()
-        self.directory = Path(tempfile.mkdtemp(prefix="synapse-relay-pg-"))
-        self._databases = 0
+        self._names = itertools.count()
+        self._started = False
+        if self._as_root:
+            user = pwd.getpwnam(SUPERUSER)
+            os.chown(self.root, user.pw_uid, user.pw_gid)
 
     @staticmethod
-    def find_bindir() -> Path | None:
-        pg_config = shutil.which("pg_config")
-        if pg_config:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=False
-            ).stdout.strip()
-            if out and (Path(out) / "initdb").exists():
-                return Path(out)
-        candidates = sorted(
-            Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-            key=lambda p: (
-                int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0
-            ),
-        )
-        return candidates[-1].parent if candidates else None
+    def bindir() -> Path | None:
+        """`pg_config --bindir` if it holds initdb, else the newest
+        /usr/lib/postgresql/*/bin, else None."""
+        candidates: list[Path] = []
+        if shutil.which("pg_config"):
+            result = subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, check=False
+            )
+            if result.returncode == 0:
+                candidates.append(Path(result.stdout.strip()))
+        versions = glob.glob("/usr/lib/postgresql/*/bin")
+        versions.sort(key=lambda p: int(Path(p).parent.name), reverse=True)
+        candidates.extend(Path(p) for p in versions)
+        for candidate in candidates:
+            if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
+                return candidate
+        return None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.bindir() is not None
 
     def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
-        assert self.bindir is not None
-        command = [str(self.bindir / program), *args]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        return subprocess.run(command, capture_output=True, text=True, check=False)
+        command = [str(self._bindir / program), *args]
+        if self._as_root:
+            command = ["runuser", "-u", SUPERUSER, "--", *command]
+        return subprocess.run(
+            command, cwd=self.root, capture_output=True, text=True, check=False
+        )
+
+    def _check(self, result: subprocess.CompletedProcess[str]) -> None:
+        if result.returncode != 0:
+            raise PostgresError(
+                f"{result.args} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}\n"
+                f"--- {self.log_path}\n{tail(self.log_path, 40)}"
+            )
 
     def start(self, timeout: float = 60) -> None:
-        if os.geteuid() == 0:
-            shutil.chown(self.directory, "postgres")
-        data = str(self.directory / "data")
-        result = self._run(
-            "initdb", "-D", data, "--auth=trust", "-U", "postgres",
-            "--encoding=UTF8", "--locale=C",
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"initdb failed: {result.stderr}")
-        options = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.directory} -c fsync=on"
-            " -c max_connections=200"
+        """initdb, start the server and wait until it accepts connections. On
+        failure everything is stopped and removed again."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        self._check(
+            self._run(
+                "initdb",
+                f"--pgdata={self.datadir}",
+                "--auth=trust",
+                f"--username={SUPERUSER}",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
         )
-        result = self._run(
-            "pg_ctl", "-D", data, "-l", str(self.directory / "postgres.log"),
-            "-o", options, "-w", "-t", str(int(timeout)), "start",
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {result.stdout}{result.stderr}")
+        options = (
+            f"-h {self.host} -p {self.port} -k {self.root}"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._started = True
+        self._check(
+            self._run(
+                "pg_ctl",
+                "start",
+                "--no-wait",
+                f"--pgdata={self.datadir}",
+                f"--log={self.log_path}",
+                f"--options={options}",
+            )
+        )
+        ready = ("-h", self.host, "-p", str(self.port), "-U", SUPERUSER)
+        try:
+            wait_until(
+                lambda: self._run("pg_isready", *ready).returncode == 0,
+                timeout,
+                message=f"PostgreSQL on port {self.port} ready",
+            )
+        except TimeoutError as e:
+            raise PostgresError(f"{e}\n{tail(self.log_path, 40)}") from None
 
     def create_database(self, name: str | None = None) -> dict[str, Any]:
-        """A new database as Synapse wants it; returns Synapse's `database:` config."""
-        self._databases += 1
-        name = name or f"synapse{self._databases}"
-        result = self._run(
-            "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-            "-v", "ON_ERROR_STOP=1", "-c",
-            f"CREATE DATABASE {name} TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'",
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"creating database {name} failed: {result.stderr}")
+        """Create a database fit for Synapse (C collation) and return the
+        Synapse `database:` section for it."""
+        name = name or f"synapse{next(self._names)}"
+        connection = psycopg2.connect(
+            host=self.host, port=self.port, user=SUPERUSER, dbname="postgres"
+        )
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL(
+                        "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'"
+                        " LC_COLLATE 'C' LC_CTYPE 'C'"
+                    ).format(sql.Identifier(name))
+                )
+        finally:
+            connection.close()
         return {
             "name": "psycopg2",
             "args": {
-                "user": "postgres",
+                "user": SUPERUSER,
                 "database": name,
-                "host": "127.0.0.1",
+                "host": self.host,
                 "port": self.port,
                 "cp_min": 1,
                 "cp_max": 5,
@@ -468,5 +615,21 @@ class PostgresCluster:
         }
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.directory / "data"), "-m", "fast", "stop")
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Stop the server (fast shutdown) and delete its directory."""
+        if self._started:
+            self._run("pg_ctl", "stop", f"--pgdata={self.datadir}", "--mode=fast")
+            self._started = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "PostgresCluster":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

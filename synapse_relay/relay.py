@@ -47,12 +47,17 @@ RELAY_COUNTERS = {
 
 
 def destination_of(user_id: str) -> str:
-    """The server name of a user ID; 400 M_INVALID_PARAM if it is not one."""
+    """The server name of a user ID; 400 M_INVALID_PARAM if it is not one.
+
+    The localpart is checked against the Matrix spec's historical grammar (printable
+    ASCII but ":"), the widest any server may have issued.
+    """
     localpart, _, server_name = user_id[1:].partition(":")
     if (
         not user_id.startswith("@")
-        or len(user_id.encode("utf-8")) > MAX_ID_LENGTH
+        or len(user_id.encode("utf-8", errors="replace")) > MAX_ID_LENGTH
         or not localpart
+        or not all("!" <= c <= "~" for c in localpart)
         or not is_valid_server_name(server_name)
     ):
         raise SynapseError(
@@ -255,13 +260,15 @@ class SendRelayEndpoint:
             txn_id=txn_id,
             now_ms=now_ms,
         )
+        # Cannot fail: authentication already encoded the body canonically.
+        txn_json = encode_canonical_json(transaction).decode("utf-8")
         try:
             deposit = await relay.store.deposit(
                 NewEntry(
                     origin=origin,
                     txn_id=txn_id,
                     destination=destination,
-                    txn_json=encode_canonical_json(transaction).decode("utf-8"),
+                    txn_json=txn_json,
                     received_ms=now_ms,
                 ),
                 relay.quota,

@@ -11,11 +11,18 @@ The relay queue is two tables:
   the same database transaction as the entries, so that quotas cost one indexed
   lookup however many entries are queued.
 
+The send role keeps one table (schema version 2):
+
+- `synapse_relay_send_relays`: the relays of a destination set through the admin
+  API, overriding the `send.relays` configuration for that destination; `relays` is
+  a JSON list of server names (an empty list means "no relays").
+
 All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. PostgreSQL runs
 these functions at REPEATABLE READ and retries them on serialization failures, so
 they have no side effects beyond the database.
 """
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +36,7 @@ from synapse_relay._synapse import is_postgres
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PURGE_BATCH = 1000
 
@@ -64,8 +71,17 @@ def _schema_v1(postgres: bool) -> list[str]:
     ]
 
 
+def _schema_v2(postgres: bool) -> list[str]:
+    return [
+        """CREATE TABLE synapse_relay_send_relays (
+            destination TEXT NOT NULL PRIMARY KEY,
+            relays TEXT NOT NULL
+        )""",
+    ]
+
+
 # version -> the statements that bring the schema from version - 1 to it
-_MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {1: _schema_v1}
+_MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {1: _schema_v1, 2: _schema_v2}
 
 
 class QuotaExceeded(Exception):
@@ -74,6 +90,21 @@ class QuotaExceeded(Exception):
 
 class SchemaTooNew(Exception):
     """The database was written by a newer synapse-relay."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NewEntry:
+    origin: str
+    txn_id: str
+    destination: str
+    txn_json: str
+    received_ms: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Quota:
+    max_transactions: int
+    max_bytes: int
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -137,29 +168,11 @@ class RelayStore:
             else:
                 waiter.errback(error)
 
-    async def deposit(
-        self,
-        *,
-        origin: str,
-        txn_id: str,
-        destination: str,
-        txn_json: str,
-        now_ms: int,
-        max_transactions: int,
-        max_bytes: int,
-    ) -> Deposit:
+    async def deposit(self, entry: NewEntry, quota: Quota) -> Deposit:
         """Store a transaction once, in one commit; QuotaExceeded if it does not fit."""
         await self.ensure_schema()
         return await self._api.run_db_interaction(
-            "synapse_relay_deposit",
-            _deposit_txn,
-            origin,
-            txn_id,
-            destination,
-            txn_json,
-            now_ms,
-            max_transactions,
-            max_bytes,
+            "synapse_relay_deposit", _deposit_txn, entry, quota
         )
 
     async def acknowledge_and_get_oldest(
@@ -191,6 +204,41 @@ class RelayStore:
             if batch < PURGE_BATCH:
                 return purged
 
+    async def send_relays(self) -> dict[str, tuple[str, ...]]:
+        """Every destination's relays set through the admin API."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_send_relays", _send_relays_txn
+        )
+
+    async def send_relays_for(self, destination: str) -> tuple[str, ...] | None:
+        """The relays of `destination` set through the admin API, None if unset."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_send_relays_for", _send_relays_for_txn, destination
+        )
+
+    async def set_send_relays(self, destination: str, relays: tuple[str, ...]) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "synapse_relay_set_send_relays",
+            _set_send_relays_txn,
+            destination,
+            json.dumps(list(relays)),
+        )
+
+    async def delete_send_relays(self, destination: str) -> bool:
+        """Forget the admin API's relays of `destination`; whether there were any."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_delete_send_relays", _delete_send_relays_txn, destination
+        )
+
+    async def ping(self) -> None:
+        """Raise unless the database answers a query (the receive role tells its
+        own database being down from other failures with it)."""
+        await self._api.run_db_interaction("synapse_relay_ping", _ping_txn)
+
 
 def _create_or_migrate_schema_txn(txn: Any) -> None:
     txn.execute(
@@ -221,40 +269,32 @@ def _create_or_migrate_schema_txn(txn: Any) -> None:
         )
 
 
-def _deposit_txn(
-    txn: Any,
-    origin: str,
-    txn_id: str,
-    destination: str,
-    txn_json: str,
-    now_ms: int,
-    max_transactions: int,
-    max_bytes: int,
-) -> Deposit:
+def _deposit_txn(txn: Any, entry: NewEntry, quota: Quota) -> Deposit:
+    destination = entry.destination
     txn.execute(
         "SELECT entry_id FROM synapse_relay_entries"
         " WHERE origin = ? AND txn_id = ? AND destination = ?",
-        (origin, txn_id, destination),
+        (entry.origin, entry.txn_id, destination),
     )
     row = txn.fetchone()
     if row is not None:
         return Deposit(entry_id=row[0], duplicate=True)
 
-    size = len(txn_json.encode("utf-8"))
+    size = len(entry.txn_json.encode("utf-8"))
     txn.execute(
         "SELECT transactions, bytes FROM synapse_relay_queues WHERE destination = ?",
         (destination,),
     )
     transactions, used = txn.fetchone() or (0, 0)
-    if transactions + 1 > max_transactions:
+    if transactions + 1 > quota.max_transactions:
         raise QuotaExceeded(
             f"{destination} already has {transactions} transactions queued"
-            f" (max_transactions_per_destination is {max_transactions})"
+            f" (max_transactions_per_destination is {quota.max_transactions})"
         )
-    if used + size > max_bytes:
+    if used + size > quota.max_bytes:
         raise QuotaExceeded(
             f"{destination} already has {used} bytes queued and this transaction has"
-            f" {size} (max_bytes_per_destination is {max_bytes})"
+            f" {size} (max_bytes_per_destination is {quota.max_bytes})"
         )
 
     # On PostgreSQL a concurrent identical deposit makes this a serialization
@@ -265,7 +305,14 @@ def _deposit_txn(
         " VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (origin, txn_id, destination) DO NOTHING"
         " RETURNING entry_id",
-        (destination, origin, txn_id, now_ms, size, txn_json),
+        (
+            destination,
+            entry.origin,
+            entry.txn_id,
+            entry.received_ms,
+            size,
+            entry.txn_json,
+        ),
     )
     (entry_id,) = txn.fetchone()
     txn.execute(
@@ -343,3 +390,41 @@ def _shrink_queue(txn: Any, destination: str, transactions: int, size: int) -> N
         " bytes = bytes - ? WHERE destination = ?",
         (transactions, size, destination),
     )
+
+
+def _send_relays_txn(txn: Any) -> dict[str, tuple[str, ...]]:
+    txn.execute("SELECT destination, relays FROM synapse_relay_send_relays")
+    return {destination: _relay_list(relays) for destination, relays in txn.fetchall()}
+
+
+def _send_relays_for_txn(txn: Any, destination: str) -> tuple[str, ...] | None:
+    txn.execute(
+        "SELECT relays FROM synapse_relay_send_relays WHERE destination = ?",
+        (destination,),
+    )
+    row = txn.fetchone()
+    return None if row is None else _relay_list(row[0])
+
+
+def _set_send_relays_txn(txn: Any, destination: str, relays_json: str) -> None:
+    txn.execute(
+        "INSERT INTO synapse_relay_send_relays (destination, relays) VALUES (?, ?)"
+        " ON CONFLICT (destination) DO UPDATE SET relays = excluded.relays",
+        (destination, relays_json),
+    )
+
+
+def _delete_send_relays_txn(txn: Any, destination: str) -> bool:
+    txn.execute(
+        "DELETE FROM synapse_relay_send_relays WHERE destination = ?", (destination,)
+    )
+    return bool(txn.rowcount)
+
+
+def _relay_list(relays_json: str) -> tuple[str, ...]:
+    return tuple(str(relay) for relay in json.loads(relays_json))
+
+
+def _ping_txn(txn: Any) -> None:
+    txn.execute("SELECT 1")
+    txn.fetchall()

@@ -44,13 +44,18 @@ def test_destination_of(user_id: str, server: str) -> None:
         "@bob:[::1",
         "@" + "x" * 250 + ":b.example",
         "#r:b.example",
+        "@\x00:b.example",
+        "@bob smith:b.example",
+        "@bób:b.example",
     ],
 )
 def test_bad_user_ids(user_id: str) -> None:
     assert errcode_of(destination_of, user_id) == (400, "M_INVALID_PARAM")
 
 
-@pytest.mark.parametrize("txn_id", ["", "x" * 256, "a\x00b", "tab\t", "\ud800", "é" * 128])
+@pytest.mark.parametrize(
+    "txn_id", ["", "x" * 256, "a\x00b", "tab\t", "\ud800", "é" * 128]
+)
 def test_bad_txn_ids(txn_id: str) -> None:
     assert errcode_of(validate_txn_id, txn_id) == (400, "M_INVALID_PARAM")
 

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from synapse_relay import store
-from synapse_relay.store import Collected, Deposit, Entry, Queue, QuotaExceeded
+from synapse_relay.store import (
+    Collected,
+    Deposit,
+    Entry,
+    NewEntry,
+    Queue,
+    Quota,
+    QuotaExceeded,
+)
 
 
 class Txn:
@@ -43,7 +51,9 @@ def deposit(
     max_bytes: int = 1000,
 ) -> Deposit:
     return store._deposit_txn(
-        txn, origin, txn_id, destination, body, now, max_transactions, max_bytes
+        txn,
+        NewEntry(origin, txn_id, destination, body, now),
+        Quota(max_transactions, max_bytes),
     )
 
 

@@ -1,0 +1,77 @@
+"""Homeservers for test modules: the real processes of `synapse_relay.loopback`,
+created on a database backend and all stopped together."""
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from synapse_relay.loopback import (
+    DEFAULT_PASSWORD,
+    Homeserver,
+    HomeserverError,
+    free_port,
+    tail,
+    wait_until,
+)
+
+__all__ = [
+    "DEFAULT_PASSWORD",
+    "Homeserver",
+    "HomeserverError",
+    "HomeserverFactory",
+    "free_port",
+    "tail",
+    "wait_until",
+]
+
+
+DatabaseFactory = Callable[[], dict[str, Any] | None]
+
+
+class HomeserverFactory:
+    """Creates started homeservers under `root` sharing one certificate, and stops
+    them all in `stop_all()`. Cheap: make one per scope that needs cleaning up.
+    `backend` (e.g. a `tests.harness.postgres.Backend`) makes each homeserver's
+    database; None means SQLite."""
+
+    def __init__(
+        self,
+        root: Path,
+        cert: tuple[Path, Path],
+        backend: DatabaseFactory | None = None,
+    ) -> None:
+        self.root = root
+        self.cert = cert
+        self.backend = backend
+        self.homeservers: list[Homeserver] = []
+
+    def create(
+        self,
+        module_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+        *,
+        backend: DatabaseFactory | None = None,
+        start: bool = True,
+    ) -> Homeserver:
+        """A new homeserver, started unless `start=False`, its database made by
+        `backend`, else by the factory's backend."""
+        backend = backend or self.backend
+        self.root.mkdir(parents=True, exist_ok=True)
+        homeserver = Homeserver(
+            workdir=Path(tempfile.mkdtemp(prefix="hs-", dir=self.root)),
+            port=free_port(),
+            cert=self.cert,
+            module_config=module_config,
+            database=backend() if backend is not None else None,
+            extra_config=extra_config,
+        )
+        self.homeservers.append(homeserver)
+        if start:
+            homeserver.start()
+        return homeserver
+
+    def stop_all(self) -> None:
+        for homeserver in self.homeservers:
+            homeserver.stop()
+        self.homeservers.clear()

@@ -1,0 +1,670 @@
+"""The send role's decisions, against fakes of Synapse's federation client and of the
+relays (integration tests run it between real homeservers)."""
+
+from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from synapse.module_api.errors import SynapseError
+from synapse.util.retryutils import NotRetryingDestination
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from synapse_relay import _synapse
+from synapse_relay import sender as s
+from synapse_relay._synapse import (
+    BackedOff,
+    DeliveryError,
+    OutgoingTransaction,
+    Rejected,
+    Unreachable,
+)
+from synapse_relay.admin import parse_relays
+from synapse_relay.config import SendConfig
+from synapse_relay.protocol import send_relay_path
+
+US = "a.example"
+B = "b.example"
+R1 = "r1.example"
+R2 = "r2.example"
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine whose awaitables all complete at once; its result."""
+    results: list[Any] = []
+    defer.ensureDeferred(coro).addBoth(results.append)
+    assert results, "the coroutine is still waiting"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def unreachable(code: int | None = None) -> Unreachable:
+    return Unreachable(RuntimeError(f"unreachable {code}"), code)
+
+
+def rejected(code: int) -> Rejected:
+    return Rejected(RuntimeError(f"answered {code}"), code)
+
+
+def backed_off() -> BackedOff:
+    return BackedOff(RuntimeError("backing off"))
+
+
+class FakeApi:
+    server_name = US
+
+    def __init__(self) -> None:
+        self.now = 1_000_000
+        self.sleeps: list[float] = []
+        self.delayed: list[tuple[float, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def get_current_time_msec(self) -> int:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += int(seconds * 1000)
+
+    def delayed_background_call(
+        self, msec: float, f: Callable[..., Any], *args: Any, desc: str = ""
+    ) -> None:
+        self.delayed.append((msec, f, args))
+
+    def run_as_background_process(
+        self, desc: str, f: Callable[..., Any], *args: Any
+    ) -> "defer.Deferred[Any]":
+        async def wrapped() -> Any:
+            try:
+                return await f(*args)
+            except Exception:
+                return None
+
+        return defer.ensureDeferred(wrapped())
+
+    def run_delayed(self) -> None:
+        """Run the delayed calls due so far (advancing time to the last one)."""
+        delayed, self.delayed = self.delayed, []
+        for msec, f, args in delayed:
+            self.now += int(msec)
+            result = f(*args)
+            if isinstance(result, Coroutine):
+                run(result)
+
+
+class FakeFederation:
+    def __init__(self) -> None:
+        # what each direct attempt does, in order: an exception, or a response
+        self.direct: list[Exception | dict] = []
+        self.direct_calls: list[tuple[str, bool]] = []
+        # relay -> an exception, None (accepted), or a Deferred to wait for
+        self.relays: dict[str, Any] = {}
+        self.deposits: list[tuple[str, str, dict]] = []
+        self.probe_result: Exception | None = None
+        self.probe_results: list[Exception | None] = []  # before probe_result
+        self.probes: list[str] = []
+        self.probe_backoff: list[bool] = []
+        self.woken: list[str] = []
+
+    async def send_transaction(
+        self, txn: OutgoingTransaction, *, timeout_ms: int, ignore_backoff: bool
+    ) -> dict:
+        assert timeout_ms == s.DIRECT_TIMEOUT_MS
+        self.direct_calls.append((txn.transaction_id, ignore_backoff))
+        outcome = self.direct.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def deposit(self, relay: str, path: str, body: dict, *, timeout_ms: int):
+        self.deposits.append((relay, path, body))
+        outcome = self.relays.get(relay)
+        if isinstance(outcome, defer.Deferred):
+            outcome = await outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+
+    async def probe(
+        self, destination: str, *, timeout_ms: int, ignore_backoff: bool
+    ) -> None:
+        assert timeout_ms == s.PROBE_TIMEOUT_MS
+        self.probes.append(destination)
+        self.probe_backoff.append(ignore_backoff)
+        result = self.probe_results.pop(0) if self.probe_results else self.probe_result
+        if result is not None:
+            raise result
+
+    def wake_destination(self, destination: str) -> None:
+        self.woken.append(destination)
+
+    async def failure_for_synapse(self, destination: str, reason: str) -> Exception:
+        return RuntimeError(f"for synapse: {reason}")
+
+
+class FakeStore:
+    def __init__(self, admin: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.admin = admin or {}
+        self.reads = 0
+        self.fail = False
+
+    async def send_relays(self) -> dict[str, tuple[str, ...]]:
+        self.reads += 1
+        if self.fail:
+            raise RuntimeError("database down")
+        return dict(self.admin)
+
+    async def send_relays_for(self, destination: str) -> tuple[str, ...] | None:
+        return self.admin.get(destination)
+
+
+class Net:
+    def __init__(
+        self, relays: dict[str, tuple[str, ...]] | None = None, attempts: int = 3
+    ) -> None:
+        self.config = SendConfig(
+            relays={B: (R1, R2)} if relays is None else relays,
+            attempts_before_relay=attempts,
+        )
+        api: Any = FakeApi()
+        store: Any = FakeStore()
+        self.api = api
+        self.federation = FakeFederation()
+        self.store = store
+        self.directory = s.RelayDirectory(
+            self.config, self.store, self.api.get_current_time_msec, US
+        )
+        self.sender = s.Sender(self.config, self.directory, self.federation, self.api)
+        self.stock_calls = 0
+        self.next_id = 1
+
+    def txn(self, destination: str = B) -> OutgoingTransaction:
+        txn_id = str(self.next_id)
+        self.next_id += 1
+        return OutgoingTransaction(
+            destination=destination,
+            transaction_id=txn_id,
+            pdu_count=1,
+            edu_count=0,
+            body=lambda: {"origin": US, "origin_server_ts": 5, "pdus": [{"n": txn_id}]},
+        )
+
+    def send(self, txn: OutgoingTransaction | None = None) -> Any:
+        async def stock() -> dict:
+            self.stock_calls += 1
+            return {"pdus": {"stock": {}}}
+
+        return run(self.sender.send(txn or self.txn(), stock))
+
+    def stats(self) -> dict:
+        return self.sender.stats.snapshot()
+
+    def state(self, destination: str = B) -> s.DestinationState:
+        return self.sender.destinations.get(destination)
+
+
+# --- pure decisions -----------------------------------------------------------------
+
+
+def test_delays() -> None:
+    delays = [s.retry_delay_ms(n) for n in range(1, 7)]
+    assert delays == [100, 200, 400, 800, 1600, 2000]
+    assert [s.relay_retry_delay_ms(n) for n in (1, 2, 3, 5, 6, 100)] == [
+        1000,
+        2000,
+        4000,
+        16000,
+        30000,
+        30000,
+    ]
+
+
+def test_destination_states() -> None:
+    d = s.Destinations()
+    assert not d.is_down(B) and d.peek(B) is None
+    assert d.mark_down(B, 10) and not d.mark_down(B, 20)
+    assert d.is_down(B) and d.get(B).since_ms == 10
+    assert d.mark_up(B, 30) and not d.mark_up(B, 40)
+    assert d.get(B).since_ms == 30
+    d.mark_rejected(B, 50)
+    assert d.get(B).rejected and d.get(B).reach is s.Reach.UP
+    d.mark_down(B, 60)
+    assert not d.get(B).rejected
+    assert d.snapshot()[B] == {
+        "state": "down",
+        "since_ts": 60,
+        "direct_failures": 0,
+        "fallbacks": 0,
+    }
+    d.forget(B)
+    assert d.peek(B) is None
+
+
+def test_relay_health() -> None:
+    h = s.RelayHealth()
+    assert h.usable(R1, 0) and h.next_usable_ms([R1, R2], 5) == 5
+    assert h.failed(R1, 0) == 1000
+    assert not h.usable(R1, 999) and h.usable(R1, 1000)
+    assert h.failed(R1, 1000) == 2000
+    assert h.next_usable_ms([R1], 1500) == 3000
+    assert h.next_usable_ms([R1, R2], 1500) == 1500  # R2 never failed
+    h.succeeded(R1)
+    assert h.usable(R1, 1001)
+
+
+def test_usable_relays() -> None:
+    assert s.usable_relays(B, [R1, B, US, R1, R2], US) == (R1, R2)
+
+
+def test_parse_relays() -> None:
+    assert parse_relays({"relays": [R1, "r2.example:8448"]}, B, US) == (
+        R1,
+        "r2.example:8448",
+    )
+    assert parse_relays({"relays": []}, B, US) == ()
+    body: Any
+    for body, message in [
+        ({}, "Expected"),
+        ({"relays": R1}, "Expected"),
+        ({"relays": [R1, 3]}, "relays[1]: 3 is not a server name"),
+        ({"relays": ["not a name"]}, "is not a server name"),
+        ({"relays": [B]}, "the destination itself"),
+        ({"relays": [US]}, "this server"),
+        ({"relays": [R1, R1]}, "listed twice"),
+        ({"relays": [f"r{i}.example" for i in range(21)]}, "Too many relays"),
+    ]:
+        with pytest.raises(SynapseError) as e:
+            parse_relays(body, B, US)
+        assert e.value.code == 400
+        assert message in e.value.msg
+
+
+# --- which relays -------------------------------------------------------------------
+
+
+def test_directory_admin_overrides_config_and_is_cached() -> None:
+    net = Net(relays={B: (R1,), "c.example": (R1,)})
+    net.store.admin = {B: (R2,), "c.example": ()}
+    assert run(net.directory.relays_for(B)) == (R2,)
+    assert run(net.directory.relays_for("c.example")) == ()  # admin: no relays
+    assert run(net.directory.relays_for("d.example")) == ()
+    assert net.store.reads == 1
+    # a change elsewhere is seen once the cache expires...
+    net.store.admin = {}
+    net.api.now += s.MAPPING_CACHE_MS - 1
+    assert run(net.directory.relays_for(B)) == (R2,)
+    net.api.now += 1
+    assert run(net.directory.relays_for(B)) == (R1,)
+    assert net.store.reads == 2
+    # ...and one made here at once
+    net.store.admin = {B: (R2, R1)}
+    net.sender.mapping_changed(B)
+    assert run(net.directory.relays_for(B)) == (R2, R1)
+    assert net.store.reads == 3
+
+
+def test_directory_survives_a_database_failure() -> None:
+    net = Net(relays={B: (R1,)})
+    net.store.fail = True
+    assert run(net.directory.relays_for(B)) == (R1,)  # the config
+    net.store.fail = False
+    net.store.admin = {B: (R2,)}
+    assert run(net.directory.relays_for(B)) == (R2,)
+    net.store.fail = True
+    net.api.now += s.MAPPING_CACHE_MS
+    assert run(net.directory.relays_for(B)) == (R2,)  # what was read before
+
+
+# --- sending ------------------------------------------------------------------------
+
+
+def test_destination_without_relays_is_left_to_synapse() -> None:
+    net = Net()
+    assert net.send(net.txn("c.example")) == {"pdus": {"stock": {}}}
+    assert net.stock_calls == 1
+    assert net.federation.direct_calls == [] and net.federation.deposits == []
+    assert run(net.sender.lets_through("c.example")) is False
+    assert net.sender.destinations.peek("c.example") is None
+
+
+def test_direct_success() -> None:
+    net = Net()
+    net.federation.direct = [{"pdus": {"$e": {}}}]
+    assert net.send() == {"pdus": {"$e": {}}}
+    assert net.federation.direct_calls == [("1", False)]
+    assert net.federation.deposits == [] and net.stock_calls == 0
+    assert net.state().reach is s.Reach.UP
+
+
+def test_transient_failure_then_success() -> None:
+    net = Net()
+    net.federation.direct = [unreachable(), {"pdus": {}}]
+    assert net.send() == {"pdus": {}}
+    assert net.federation.direct_calls == [("1", False), ("1", True)]
+    assert net.api.sleeps == [0.1]
+    assert net.federation.deposits == []
+    assert net.stats()["direct_failures"] == 1
+    assert net.state().reach is s.Reach.UP
+
+
+def test_down_after_attempts_then_deposit_on_every_relay() -> None:
+    net = Net()
+    net.federation.direct = [unreachable(), unreachable(503), unreachable(429)]
+    txn = net.txn()
+    assert net.send(txn) == {"pdus": {}}
+    # the first attempt respects and feeds Synapse's backoff, the others do not
+    assert net.federation.direct_calls == [("1", False), ("1", True), ("1", True)]
+    assert net.api.sleeps == [0.1, 0.2]
+    body = {
+        "origin": US,
+        "origin_server_ts": 5,
+        "pdus": [{"n": "1"}],
+        "destination": B,
+    }
+    path = send_relay_path("1", B)
+    assert net.federation.deposits == [(R1, path, body), (R2, path, body)]
+    assert net.state().reach is s.Reach.DOWN
+    stats = net.stats()
+    assert stats["direct_failures"] == 3
+    assert stats["fallbacks"] == 1
+    assert stats["deposits_accepted"] == 2
+    assert stats["relays"] == {
+        R1: {"deposits_accepted": 1, "deposits_refused": 0, "deposits_failed": 0},
+        R2: {"deposits_accepted": 1, "deposits_refused": 0, "deposits_failed": 0},
+    }
+    assert stats["destinations"][B]["state"] == "down"
+    # a probe is scheduled
+    [(msec, _, args)] = net.api.delayed
+    assert msec == s.PROBE_INTERVAL_MS and args == (B,)
+
+    # later transactions skip straight to the relays
+    net.federation.deposits.clear()
+    assert net.send() == {"pdus": {}}
+    assert len(net.federation.direct_calls) == 3
+    assert [relay for relay, _, _ in net.federation.deposits] == [R1, R2]
+    assert net.api.sleeps == [0.1, 0.2]
+    assert len(net.api.delayed) == 1  # still one probe
+    assert net.stats()["fallbacks"] == 2
+
+
+def test_one_attempt_before_relay() -> None:
+    net = Net(attempts=1)
+    net.federation.direct = [unreachable()]
+    assert net.send() == {"pdus": {}}
+    assert net.api.sleeps == []
+    assert len(net.federation.deposits) == 2
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404])
+def test_an_answer_from_the_destination_is_never_relayed(code: int) -> None:
+    net = Net()
+    error = rejected(code)
+    net.federation.direct = [error]
+    with pytest.raises(RuntimeError) as e:
+        net.send()
+    assert e.value is error.original  # Synapse gets its own exception back
+    assert net.federation.deposits == [] and len(net.federation.direct_calls) == 1
+    assert net.state().reach is s.Reach.UP and net.state().rejected
+    assert net.stats()["direct_rejected"] == 1
+    assert net.stats()["fallbacks"] == 0
+    # and Synapse's backoff of it applies as without this module
+    assert run(net.sender.lets_through(B)) is False
+
+
+def test_synapse_backoff_of_an_unknown_destination_means_down() -> None:
+    net = Net()
+    net.federation.direct = [backed_off()]
+    assert net.send() == {"pdus": {}}
+    assert net.federation.direct_calls == [("1", False)]
+    assert net.api.sleeps == []
+    assert net.state().reach is s.Reach.DOWN
+    assert net.stats()["direct_failures"] == 0
+    assert len(net.federation.deposits) == 2
+
+
+def test_synapse_backoff_of_a_destination_that_answered_is_ignored() -> None:
+    net = Net()
+    net.sender.destinations.mark_up(B, 0)
+    net.federation.direct = [backed_off(), {"pdus": {}}]
+    assert net.send() == {"pdus": {}}
+    assert net.federation.direct_calls == [("1", False), ("1", True)]
+    assert net.federation.deposits == []
+
+
+def test_all_relays_fail_then_synapse_keeps_the_transaction() -> None:
+    net = Net()
+    last = unreachable()
+    net.federation.direct = [unreachable(), unreachable(), last]
+    net.federation.relays = {R1: unreachable(), R2: unreachable(507)}
+    with pytest.raises(RuntimeError) as e:
+        net.send()
+    assert e.value is last.original  # what Synapse's own send would raise
+    stats = net.stats()
+    assert stats["fallbacks_failed"] == 1
+    assert stats["relays"][R1]["deposits_failed"] == 1
+    assert stats["relays"][R2]["deposits_refused"] == 1
+    assert stats["deposits_accepted"] == 0
+    # the queue is woken when the first relay may be tried again
+    wakes = [(msec, args) for msec, f, args in net.api.delayed if args == (B,)]
+    assert (s.RELAY_RETRY_BASE_MS + 1, (B,)) in wakes
+    # meanwhile the relays are not tried, and Synapse's backoff applies
+    assert run(net.sender.lets_through(B)) is False
+    with pytest.raises(RuntimeError, match="for synapse: b.example is down"):
+        net.send()
+    assert len(net.federation.deposits) == 2
+    # once a relay may be tried again, Synapse is let through to it
+    net.api.now += s.RELAY_RETRY_BASE_MS
+    assert run(net.sender.lets_through(B)) is True
+    net.federation.relays = {}
+    assert net.send() == {"pdus": {}}
+    assert net.stats()["deposits_accepted"] == 2
+
+
+def test_wake_reaches_synapse() -> None:
+    net = Net(attempts=1)
+    net.federation.direct = [unreachable()]
+    net.federation.relays = {R1: unreachable(), R2: unreachable()}
+    with pytest.raises(RuntimeError):
+        net.send()
+    net.federation.probe_result = unreachable()
+    net.api.run_delayed()
+    assert net.federation.woken == [B]
+    assert net.federation.probes == [B]
+
+
+def test_a_slow_relay_does_not_hold_up_the_others() -> None:
+    net = Net(attempts=1)
+    net.federation.direct = [unreachable()]
+    slow: defer.Deferred[Any] = defer.Deferred()
+    net.federation.relays = {R1: slow}
+    assert net.send() == {"pdus": {}}  # R2 accepted; R1 still pending
+    assert net.stats()["relays"][R2]["deposits_accepted"] == 1
+    assert R1 not in net.stats()["relays"]
+    slow.callback(unreachable())
+    assert net.stats()["relays"][R1]["deposits_failed"] == 1
+    assert not net.sender.relay_health.usable(R1, net.api.now)
+    # the next transaction goes to R2 only, until R1's retry delay is over
+    net.federation.relays = {}
+    net.federation.deposits.clear()
+    assert net.send() == {"pdus": {}}
+    assert [relay for relay, _, _ in net.federation.deposits] == [R2]
+
+
+def test_relay_failure_not_from_federation_is_counted() -> None:
+    net = Net(relays={B: (R1,)}, attempts=1)
+    net.federation.direct = [unreachable()]
+    net.federation.relays = {R1: ValueError("bug")}
+    with pytest.raises(RuntimeError):
+        net.send()
+    assert net.stats()["relays"][R1]["deposits_failed"] == 1
+
+
+# --- recovery -----------------------------------------------------------------------
+
+
+def down(net: Net) -> None:
+    net.federation.direct = [unreachable()] * net.config.attempts_before_relay
+    assert net.send() == {"pdus": {}}
+    assert net.state().reach is s.Reach.DOWN
+
+
+def test_probe_until_it_answers() -> None:
+    net = Net()
+    down(net)
+    net.federation.probe_result = unreachable()
+    net.api.run_delayed()
+    assert net.federation.probes == [B]
+    assert net.federation.probe_backoff == [False]
+    assert net.state().reach is s.Reach.DOWN
+    [(msec, _, _)] = net.api.delayed  # the next probe, one interval later
+    assert msec == s.PROBE_INTERVAL_MS
+    net.federation.probe_result = None
+    net.api.run_delayed()
+    assert net.state().reach is s.Reach.UP
+    assert net.federation.woken == [B]
+    assert net.api.delayed == []
+    assert net.stats()["probes"] == 2 and net.stats()["recoveries"] == 1
+    # direct delivery resumes
+    net.federation.deposits.clear()
+    net.federation.direct = [{"pdus": {}}]
+    assert net.send() == {"pdus": {}}
+    assert net.federation.deposits == []
+
+
+def test_probe_feeds_synapse_backoff_unless_it_is_backing_off() -> None:
+    net = Net()
+    down(net)
+    net.federation.probe_results = [unreachable()]
+    net.api.run_delayed()
+    assert net.federation.probe_backoff == [False]  # fed Synapse's backoff
+    net.federation.probe_results = [backed_off(), None]
+    net.api.run_delayed()
+    assert net.federation.probe_backoff == [False, False, True]
+    assert net.state().reach is s.Reach.UP
+
+
+def test_probe_answered_with_an_error_is_an_answer() -> None:
+    net = Net()
+    down(net)
+    net.federation.probe_result = rejected(404)
+    net.api.run_delayed()
+    assert net.state().reach is s.Reach.UP
+
+
+def test_probe_stops_when_the_destination_has_no_relays_any_more() -> None:
+    net = Net()
+    down(net)
+    net.store.admin = {B: ()}
+    net.sender.mapping_changed(B)
+    net.api.run_delayed()
+    assert net.federation.probes == []
+    assert net.sender.destinations.peek(B) is None
+
+
+def test_synapse_reporting_it_up_resumes_direct_delivery() -> None:
+    net = Net()
+    down(net)
+    net.sender.remote_server_up(B)
+    assert net.state().reach is s.Reach.UP
+    assert net.stats()["recoveries"] == 1
+    net.sender.remote_server_up("unrelated.example")
+    assert net.sender.destinations.peek("unrelated.example") is None
+    # the pending probe finds it up and does nothing
+    net.api.run_delayed()
+    assert net.federation.probes == []
+    net.federation.direct = [{"pdus": {}}]
+    net.federation.deposits.clear()
+    assert net.send() == {"pdus": {}}
+    assert net.federation.deposits == []
+
+
+def test_remote_server_up_clears_a_rejection() -> None:
+    net = Net()
+    net.federation.direct = [rejected(403)]
+    with pytest.raises(RuntimeError):
+        net.send()
+    assert run(net.sender.lets_through(B)) is False
+    net.sender.remote_server_up(B)
+    assert run(net.sender.lets_through(B)) is True
+
+
+def test_delivery_errors_keep_synapse_exception() -> None:
+    original = RuntimeError("x")
+    error: DeliveryError = Unreachable(original, 502)
+    assert error.original is original and error.code == 502
+
+
+# --- the backoff interceptions in _synapse.py ---------------------------------------
+
+
+class FakeTimings:
+    def __init__(self, retry_last_ts: int, retry_interval: int) -> None:
+        self.failure_ts = retry_last_ts
+        self.retry_last_ts = retry_last_ts
+        self.retry_interval = retry_interval
+
+
+class FakeSynapseStore:
+    """What synapse.util.retryutils reads from Synapse's datastore."""
+
+    def __init__(self, timings: dict[str, FakeTimings]) -> None:
+        self.timings = timings
+        federation = SimpleNamespace(
+            destination_min_retry_interval_ms=600_000,
+            destination_retry_multiplier=2,
+            destination_max_retry_interval_ms=7 * 24 * 3600_000,
+        )
+        self.hs = SimpleNamespace(config=SimpleNamespace(federation=federation))
+
+    async def get_destination_retry_timings(self, destination: str) -> Any:
+        return self.timings.get(destination)
+
+    async def get_destination_retry_timings_batch(self, destinations: Any) -> Any:
+        return {d: self.timings.get(d) for d in destinations}
+
+
+@pytest.fixture
+def bypass(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Destinations the send role lets through Synapse's backoff."""
+    through: set[str] = set()
+
+    async def lets_through(destination: str) -> bool:
+        return destination in through
+
+    monkeypatch.setattr(_synapse, "_backoff_bypasses", [lets_through])
+    return through
+
+
+def test_one_hour_filter_lets_relayed_destinations_through(bypass: set[str]) -> None:
+    now = 10_000_000
+    clock = SimpleNamespace(time_msec=lambda: now)
+    hour = 3600_000
+    store = FakeSynapseStore(
+        {
+            "up.example": FakeTimings(0, 0),
+            "soon.example": FakeTimings(now, hour // 2),
+            "late.example": FakeTimings(now, 2 * hour),
+            "relayed.example": FakeTimings(now, 2 * hour),
+        }
+    )
+    destinations = ["up.example", "soon.example", "late.example", "relayed.example"]
+    bypass.add("relayed.example")
+    kept = run(
+        _synapse._filter_destinations_by_retry_limiter(destinations, clock, store, hour)
+    )
+    assert sorted(kept) == ["relayed.example", "soon.example", "up.example"]
+
+
+def test_retry_limiter_lets_relayed_destinations_through(bypass: set[str]) -> None:
+    now = 10_000_000
+    store = FakeSynapseStore({B: FakeTimings(now, 600_000)})
+    kwargs: dict[str, Any] = {
+        "our_server_name": US,
+        "hs": None,
+        "clock": SimpleNamespace(time_msec=lambda: now),
+        "store": store,
+    }
+    with pytest.raises(NotRetryingDestination):
+        run(_synapse._get_retry_limiter(destination=B, **kwargs))
+    bypass.add(B)
+    assert run(_synapse._get_retry_limiter(destination=B, **kwargs)) is not None
