@@ -704,7 +704,7 @@ class Collector:
         """Feed a transaction to Synapse and wait until its PDUs are processed."""
         origin = prepared.origin
         needed = keys_needed(prepared.body["pdus"], origin)
-        if needed and False:
+        if needed:
             await self._ensure_keys(relay, origin, needed)
         txn_id = prepared.fed_txn_id
         try:

@@ -119,8 +119,11 @@ class Scenario:
     """The three homeservers and the steps of the demo, each a method."""
 
     def __init__(
-        self, directory: Path, postgres: PostgresCluster | None = None
+        self,
+        directory: Path,
+        new_database: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
+        """`new_database` gives each homeserver's `database:` (None: SQLite)."""
         self.directory = directory
         cert = make_self_signed_cert(directory / "tls")
         # Server names are fixed by their ports, which every config needs first.
@@ -129,9 +132,7 @@ class Scenario:
                 workdir=directory / name,
                 port=free_port(),
                 cert=cert,
-                database=postgres.create_database(f"demo_{name.lower()}")
-                if postgres
-                else None,
+                database=new_database(),
             )
             for name in ("A", "R", "B")
         )
@@ -303,6 +304,8 @@ def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
                 f"  {name}  {homeserver.base_url}  user {user.user_id}"
                 f"  password {user.password}"
             )
+        pids = " ".join(str(h.pid) for h in scenario.homeservers)
+        say.say(f"Stop them with: kill {pids}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     print("synapse-relay demo: a relay carries alice's messages to bob", file=out)
     succeeded = False
     with _terminated_as_interrupt(), _postgres(args.postgres, args.keep) as postgres:
-        scenario = Scenario(directory, postgres)
+        scenario = Scenario(
+            directory, postgres.create_database if postgres else lambda: None
+        )
         try:
             run(scenario, args.messages, args.keep, out)
             succeeded = True

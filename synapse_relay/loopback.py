@@ -252,6 +252,10 @@ class Homeserver:
     # -- process -------------------------------------------------------------
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.is_running and self._process else None
+
+    @property
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -20,6 +20,9 @@ RELAY_TXN_PREFIX = "/_matrix/federation/v1/relay_txn/"
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
+    # Keep-alive, as Synapse's federation client expects of a server: with
+    # HTTP/1.0 it may reuse a connection the server is closing.
+    protocol_version = "HTTP/1.1"
 
     def _reply(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
