@@ -88,6 +88,37 @@ def tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:])
 
 
+S = TypeVar("S", bound="Service")
+
+
+class Service:
+    """Something started and stopped, usable as `with service: ...`, which starts
+    it unless it is running and always stops it."""
+
+    @property
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: S) -> S:
+        if not self.is_running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 class HomeserverError(RuntimeError):
     """A homeserver failed to start or to answer as expected."""
 
@@ -131,7 +162,7 @@ _LOG_FORMAT = (
 )
 
 
-class Homeserver:
+class Homeserver(Service):
     """One Synapse process: server name `localhost:<port>`, a single TLS listener
     on 127.0.0.1:<port> serving the client and federation APIs.
 
@@ -330,19 +361,6 @@ class Homeserver:
         self.stop()
         self.start(timeout)
 
-    def __enter__(self) -> "Homeserver":
-        if not self.is_running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def log_tail(self, n: int = 40) -> str:
         """The last `n` lines of homeserver.log."""
         return tail(self.log_path, n)
@@ -481,7 +499,7 @@ class PostgresError(RuntimeError):
     """The PostgreSQL server could not be set up."""
 
 
-class PostgresCluster:
+class PostgresCluster(Service):
     """initdb + postgres on 127.0.0.1:<free port> in a temporary directory (also
     holding the unix socket). As root, the programs run as the `postgres` system
     user, since they refuse to run as root."""
@@ -625,15 +643,6 @@ class PostgresCluster:
             self._started = False
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresCluster":
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def is_running(self) -> bool:
+        return self._started
