@@ -28,9 +28,9 @@ How a transaction to a destination with relays goes (`Sender.send`):
 Meanwhile a down destination is *probed* directly (`GET /_matrix/federation/v1/
 version`) once per `PROBE_INTERVAL_MS`, in the background, never delaying a
 transaction; a probe made while Synapse is not backing off from the destination
-feeds that backoff, so that it grows as with Synapse's own retries. It is up again, and direct delivery resumes, when a probe gets any
-answer, or when Synapse reports it up (it sent us a signed request, or any request
-to it succeeded).
+feeds that backoff, so that it grows as with Synapse's own retries. It is up again,
+and direct delivery resumes, when a probe gets any answer, or when Synapse reports
+it up (it sent us a signed request, or any request to it succeeded).
 
 Synapse's backoff never keeps a transaction from a usable relay: the federation
 sender is let through for destinations that have a relay not in its own retry

@@ -111,6 +111,16 @@ class Net:
         response = self.a.client("POST", path, self.tokens["alice"], {})
         assert response.status_code in (200, 400), response.text
 
+    def recoveries_logged(self) -> tuple[int, int]:
+        """How often a logged that b is up again because Synapse reported it up
+        (a signed request from b), and because b answered a probe."""
+        log = self.a.log_path.read_text(encoding="utf-8", errors="replace")
+        prefix = f"Destination {self.b.server_name} is reachable again"
+        return (
+            log.count(f"{prefix} (Synapse reports it up)"),
+            log.count(f"{prefix} (it answered a probe)"),
+        )
+
     # -- on the relays and the recipients ------------------------------------
 
     def queued(self, relay: Homeserver, destination: Homeserver) -> int:
@@ -411,22 +421,34 @@ def test_destination_answering_4xx_gets_no_deposit(net: Net, code: int) -> None:
 
 
 def test_signed_request_from_destination_resumes_direct_delivery(net: Net) -> None:
-    if net.b.is_running:
-        net.b.stop()
-    on_r = net.queued(net.r, net.b)
-    fallbacks = net.status()["fallbacks"]
+    net.b_known_down()
+    # Right after a probe of b failed the next one is a probe interval away: b
+    # comes back and speaks before it.
+    probes = net.status()["probes"]
+    wait_until(
+        lambda: net.status()["probes"] > probes,
+        PROBE_INTERVAL_MS / 1000 + 5,
+        interval=0.2,
+        message="a probe of b",
+    )
+    probed = time.monotonic()
     net.b.start()
+    reported, answered = net.recoveries_logged()
     # bob speaks: b sends a signed transaction to a, which marks b up at once
     response = net.b.client(
         "PUT",
-        f"/_matrix/client/v3/rooms/{quote(net.room)}/send/m.room.message/{time.time_ns()}",
+        f"/_matrix/client/v3/rooms/{quote(net.room)}/send/m.room.message/b-is-back",
         net.tokens["bob"],
         {"msgtype": "m.text", "body": "b is back"},
     )
     assert response.status_code == 200, response.text
-    wait_until(lambda: net.has_event("alice", net.a, response.json()["event_id"]), 20)
+    bobs = response.json()["event_id"]
+    wait_until(lambda: net.has_event("alice", net.a, bobs), 20, message="bob heard")
     wait_until(lambda: net.state_of(net.b) == "up", 5, message="b up")
+    assert time.monotonic() - probed < PROBE_INTERVAL_MS / 1000, "too slow to tell"
+    assert net.recoveries_logged() == (reported + 1, answered)
 
+    on_r, fallbacks = net.queued(net.r, net.b), net.status()["fallbacks"]
     event_id = net.send("b is back: directly, please")
     wait_until(lambda: net.has_event("bob", net.b, event_id), 30, message="delivered")
     wait_until(lambda: net.nothing_unsent(net.b), 10, message="all sent")
@@ -438,6 +460,7 @@ def test_probe_resumes_direct_delivery(net: Net) -> None:
     net.b_up_and_known()
     net.b_known_down()
     recoveries = net.status()["recoveries"]
+    reported, answered = net.recoveries_logged()
     net.b.start()
     back = time.monotonic()
     wait_until(
@@ -446,10 +469,10 @@ def test_probe_resumes_direct_delivery(net: Net) -> None:
         interval=0.2,
         message="b found up",
     )
-    print(f"\nb found up {time.monotonic() - back:.1f} s after its start")
+    print(f"\nb found up by a probe {time.monotonic() - back:.1f} s after its start")
+    assert net.recoveries_logged() == (reported, answered + 1)
     status = net.status()
     assert status["recoveries"] == recoveries + 1
-    assert status["probes"] >= 1
 
     on_r, fallbacks = net.queued(net.r, net.b), status["fallbacks"]
     event_id = net.send("directly again")
