@@ -509,6 +509,13 @@ def start_receive_role(
 
 
 class Collector:
+    """Collects our mail from our relays, one collection at a time.
+
+    `collect()` starts a collection, or joins the one under way, and returns its
+    result. State kept between collections, in memory: acknowledgements that could
+    not be sent, and how many times in a row each transaction failed.
+    """
+
     def __init__(
         self,
         config: ReceiveConfig,

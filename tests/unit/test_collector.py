@@ -657,3 +657,37 @@ def test_unreachable_notary_stops_the_collection() -> None:
     assert "fetching the keys of a.example failed" in result.relays["r1"].error
     assert hs.fed == []
     assert 1 in relay.entries
+
+
+# --- the admin endpoint -------------------------------------------------------------
+
+
+def test_admin_collect_endpoint() -> None:
+    from synapse.module_api.errors import SynapseError
+
+    from synapse_relay.admin import CollectEndpoint
+
+    def error_of(endpoint: CollectEndpoint) -> tuple[int, str]:
+        with pytest.raises(SynapseError) as e:
+            run(endpoint.on_POST(None))  # type: ignore[arg-type]
+        return e.value.code, e.value.msg
+
+    code, message = error_of(CollectEndpoint(None))
+    assert code == 400 and "receive role is not enabled" in message
+
+    relay = FakeRelay(txn(1))
+    collector, _, _, _ = make(("r1", relay))
+    collector.runs_here = False  # another instance runs background tasks
+    code, message = error_of(CollectEndpoint(collector))
+    assert code == 409 and "run_background_tasks_on" in message
+    assert relay.requests == []
+
+    collector.runs_here = True
+    assert run(CollectEndpoint(collector).on_POST(None)) == (  # type: ignore[arg-type]
+        200,
+        {
+            "processed": 1,
+            "rejected": 0,
+            "relays": {"r1": {"processed": 1, "rejected": 0, "error": None}},
+        },
+    )
