@@ -99,7 +99,7 @@ class Service:
     def is_running(self) -> bool:
         raise NotImplementedError
 
-    def start(self) -> None:
+    def start(self) -> object:
         raise NotImplementedError
 
     def stop(self) -> None:

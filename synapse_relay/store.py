@@ -32,7 +32,7 @@ import attr
 from synapse.module_api import ModuleApi, make_deferred_yieldable, run_in_background
 from twisted.internet import defer
 
-from synapse_relay._synapse import is_postgres
+from synapse_relay._synapse import fire_in_sentinel_context, is_postgres
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +140,19 @@ class RelayStore:
     def __init__(self, api: ModuleApi) -> None:
         self._api = api
         self._schema_ready = False
-        self._schema_waiters: list[defer.Deferred[None]] = []
+        self._schema_waiters: list[defer.Deferred[Exception | None]] = []
 
     async def ensure_schema(self) -> None:
         """Create or migrate the tables once per process; callers wait for it."""
         if self._schema_ready:
             return
-        waiter: defer.Deferred[None] = defer.Deferred()
+        waiter: defer.Deferred[Exception | None] = defer.Deferred()
         self._schema_waiters.append(waiter)
         if len(self._schema_waiters) == 1:
             run_in_background(self._create_schema_and_wake_waiters)
-        await make_deferred_yieldable(waiter)
+        error = await make_deferred_yieldable(waiter)
+        if error is not None:
+            raise error
 
     async def _create_schema_and_wake_waiters(self) -> None:
         error: Exception | None = None
@@ -162,11 +164,7 @@ class RelayStore:
         except Exception as e:  # every waiter gets it; the next call tries again
             error = e
         waiters, self._schema_waiters = self._schema_waiters, []
-        for waiter in waiters:
-            if error is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(error)
+        fire_in_sentinel_context(waiters, error)
 
     async def deposit(self, entry: NewEntry, quota: Quota) -> Deposit:
         """Store a transaction once, in one commit; QuotaExceeded if it does not fit."""

@@ -1,14 +1,9 @@
 """A fake federation server: a signing key served over HTTPS, and a client that
 signs requests with it the way the Matrix spec (and Dendrite) does."""
 
-import json
-import ssl
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import requests
@@ -22,6 +17,7 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import decode_base64, encode_base64
 
 from synapse_relay.loopback import HTTP_TIMEOUT
+from tests.harness.tls_server import TlsJsonServer
 
 KEY_ID = "ed25519:test"
 KEY_PATH = "/_matrix/key/v2/server"
@@ -43,63 +39,22 @@ def quote(s: str) -> str:
     return urllib.parse.quote(s, safe="")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-
-    def _reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self) -> None:
-        fake = self.server.fake
-        fake.received.append((self.command, self.path))
-        path = urllib.parse.urlsplit(self.path).path
-        if self.command == "GET" and (
-            path == KEY_PATH or path.startswith(KEY_PATH + "/")
-        ):
-            self._reply(200, fake.server_keys())
-        else:
-            self._reply(404, {"errcode": "M_UNRECOGNIZED", "error": "fake server"})
-
-    do_GET = do_PUT = do_POST = _handle
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep test output clean; `FakeServer.received` records requests
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, fake: "FakeServer") -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.fake = fake
-
-
-class FakeServer:
+class FakeServer(TlsJsonServer):
     """A federation identity `localhost:<port>` with signing key `ed25519:test`,
     whose key server runs on that port, so real homeservers can verify requests
     that `request()` signs."""
 
     def __init__(self, cert: tuple[Path, Path]) -> None:
-        self.cert = cert
+        super().__init__(cert)
         self.signing_key = generate_signing_key("test")
         self.received: list[tuple[str, str]] = []  # (method, path) served
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
-    @property
-    def server_name(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeServer not started: it has no port yet")
-        return f"localhost:{self.port}"
-
-    def __repr__(self) -> str:
-        return f"<FakeServer localhost:{self.port}>"
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        self.received.append((method, path))
+        path = urllib.parse.urlsplit(path).path
+        if method == "GET" and (path == KEY_PATH or path.startswith(KEY_PATH + "/")):
+            return 200, self.server_keys()
+        return 404, {"errcode": "M_UNRECOGNIZED", "error": "fake server"}
 
     def server_keys(self) -> dict[str, Any]:
         """A signed `/_matrix/key/v2/server` response, valid for a day."""
@@ -115,42 +70,6 @@ class FakeServer:
         }
         signed: dict[str, Any] = sign_json(keys, self.server_name, self.signing_key)
         return signed
-
-    def start(self) -> "FakeServer":
-        server = _Server(self)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*self.cert)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},  # how fast stop() returns
-            name=f"fake-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        assert self._thread is not None
-        self._thread.join()
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeServer":
-        return self if self._server is not None else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def authorization(
         self,
