@@ -633,8 +633,9 @@ class OutboundFederation:
         (synapse/storage/databases/main/transactions.py).
         """
         store = self._hs.get_datastores().main
-        # A @cached method: typing it needs Synapse's own mypy plugin.
-        timings = await store.get_destination_retry_timings(destination)  # type: ignore[call-arg, arg-type]
+        # (a @cached method, which mypy cannot type without Synapse's plugin)
+        get_retry_timings: Any = store.get_destination_retry_timings
+        timings = await get_retry_timings(destination)
         now = self._hs.get_clock().time_msec()
         if timings and timings.retry_last_ts + timings.retry_interval > now:
             return NotRetryingDestination(

@@ -17,28 +17,24 @@ from tests.harness.tls_server import TlsJsonServer
 RELAY_TXN_PREFIX = "/_matrix/federation/v1/relay_txn/"
 
 
-class FakeRelay(TlsJsonServer):
-    """`localhost:<port>`, serving relay_txn from `add()`ed transactions.
+class Mailbox:
+    """One server's mail on a relay, as the relay role keeps it: entries handed out
+    oldest first; an acknowledgement deletes exactly that entry.
 
-    `acknowledged` lists the entry ids requests acknowledged (deleted), in order;
-    `requests` counts relay_txn requests.
+    `requests` lists the entry id each request acknowledged (0: none);
+    `acknowledged` the ones that were deleted, in order. `forget_acks` makes it a
+    relay that never deletes anything.
     """
 
-    def __init__(self, cert: tuple[Path, Path]) -> None:
-        super().__init__(cert)
+    def __init__(self, *transactions: dict[str, Any]) -> None:
         self.entries: dict[int, dict[str, Any]] = {}
+        self.requests: list[int] = []
         self.acknowledged: list[int] = []
-        self.requests = 0
+        self.forget_acks = False
         self._next_id = 1
         self._lock = threading.Lock()
-
-    def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
-        if method == "GET" and urllib.parse.urlsplit(path).path.startswith(
-            RELAY_TXN_PREFIX
-        ):
-            content = json.loads(body) if body else {}
-            return 200, self.answer(content.get("entry_id", 0))
-        return 404, {"errcode": "M_UNRECOGNIZED", "error": "fake relay"}
+        for transaction in transactions:
+            self.add(transaction)
 
     def add(self, transaction: dict[str, Any]) -> int:
         """Queue a transaction to hand out; its entry id."""
@@ -49,9 +45,11 @@ class FakeRelay(TlsJsonServer):
             return entry_id
 
     def answer(self, acknowledged: int) -> dict[str, Any]:
+        """The relay_txn answer to a request acknowledging `acknowledged`."""
         with self._lock:
-            self.requests += 1
-            if self.entries.pop(acknowledged, None) is not None:
+            self.requests.append(acknowledged)
+            if not self.forget_acks and acknowledged in self.entries:
+                del self.entries[acknowledged]
                 self.acknowledged.append(acknowledged)
             if not self.entries:
                 return {"transaction": {}, "entry_id": 0, "entries_queued": False}
@@ -61,3 +59,19 @@ class FakeRelay(TlsJsonServer):
                 "entry_id": entry_id,
                 "entries_queued": True,
             }
+
+
+class FakeRelay(TlsJsonServer, Mailbox):
+    """`localhost:<port>`, a Mailbox served as relay_txn over HTTPS."""
+
+    def __init__(self, cert: tuple[Path, Path]) -> None:
+        TlsJsonServer.__init__(self, cert)
+        Mailbox.__init__(self)
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        if method == "GET" and urllib.parse.urlsplit(path).path.startswith(
+            RELAY_TXN_PREFIX
+        ):
+            content = json.loads(body) if body else {}
+            return 200, self.answer(content.get("entry_id", 0))
+        return 404, {"errcode": "M_UNRECOGNIZED", "error": "fake relay"}

@@ -1,29 +1,20 @@
 """The receive role's decisions and collection loop, against fakes of Synapse and of
 the relays (integration tests run it between real homeservers)."""
 
-from collections.abc import Collection, Coroutine
+from collections.abc import Collection
 from typing import Any, cast
 
 import pytest
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from synapse_relay import collector as c
 from synapse_relay._synapse import HeldKey, NotaryKeyRejected, RelayRequestFailed
 from synapse_relay.config import ReceiveConfig
+from tests.harness.fake_relay import Mailbox
+from tests.unit.deferreds import run
 
 US = "b.example"
 A = "a.example"
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine whose awaitables all complete at once; its result."""
-    results: list[Any] = []
-    defer.ensureDeferred(coro).addBoth(results.append)
-    assert results, "the coroutine is still waiting"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def pdu(n: int = 0, sender: str = f"@alice:{A}", ts: int = 1000, **extra: Any) -> dict:
@@ -254,38 +245,17 @@ def test_retry_txn_id() -> None:
 # --- the collection loop ------------------------------------------------------------
 
 
-class FakeRelay:
-    """A relay's mailbox for us, as the relay role keeps it."""
+class FakeRelay(Mailbox):
+    """A relay's mailbox for us whose next request can fail."""
 
-    def __init__(self, *transactions: Any) -> None:
-        self.entries: dict[int, Any] = {}
-        self.next_id = 1
-        self.requests: list[int] = []
-        self.fail_next: RelayRequestFailed | None = None
-        self.forget_acks = False
-        for transaction in transactions:
-            self.add(transaction)
+    fail_next: RelayRequestFailed | None = None
 
-    def add(self, transaction: Any) -> int:
-        self.entries[self.next_id] = transaction
-        self.next_id += 1
-        return self.next_id - 1
-
-    def answer(self, content: dict) -> dict:
-        self.requests.append(content["entry_id"])
+    def answer(self, acknowledged: int) -> dict:
         if self.fail_next is not None:
+            self.requests.append(acknowledged)
             error, self.fail_next = self.fail_next, None
             raise error
-        if not self.forget_acks:
-            self.entries.pop(content["entry_id"], None)
-        if not self.entries:
-            return {"transaction": {}, "entry_id": 0, "entries_queued": False}
-        entry_id = min(self.entries)
-        return {
-            "transaction": self.entries[entry_id],
-            "entry_id": entry_id,
-            "entries_queued": True,
-        }
+        return super().answer(acknowledged)
 
 
 class FakeHomeserver:
@@ -310,7 +280,7 @@ class FakeHomeserver:
         assert path == "/_matrix/federation/v1/relay_txn/%40_relay%3Ab.example"
         if self.blocker is not None:
             await self.blocker
-        return self.relays[destination].answer(content)
+        return self.relays[destination].answer(content["entry_id"])
 
     async def query_notary(
         self, notary: str, server_name: str, timeout_ms: int
@@ -541,12 +511,12 @@ def test_relay_failure_keeps_the_acknowledgement_for_the_next_round() -> None:
     original = relay.answer
     failed: list[bool] = []
 
-    def answer(content: dict) -> dict:
+    def answer(acknowledged: int) -> dict:
         # the request acknowledging t1 fails, once
-        if content["entry_id"] == 1 and not failed:
+        if acknowledged == 1 and not failed:
             failed.append(True)
             relay.fail_next = RelayRequestFailed("r1", "connection refused")
-        return original(content)
+        return original(acknowledged)
 
     relay.answer = answer  # type: ignore[method-assign]
     result = run(collector.collect())
@@ -583,7 +553,7 @@ def test_relay_that_does_not_delete_is_stopped() -> None:
 def test_malformed_answer_is_a_failure() -> None:
     relay = FakeRelay({"origin": A})
     collector, hs, _, _ = make(("r1", relay))
-    relay.answer = lambda content: {"transaction": {"a": 1}}  # type: ignore[method-assign]
+    relay.answer = lambda acknowledged: {"transaction": {"a": 1}}  # type: ignore[method-assign]
     result = run(collector.collect())
     assert "entry_id None" in result.relays["r1"].error
 

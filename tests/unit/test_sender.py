@@ -9,7 +9,6 @@ import pytest
 from synapse.module_api.errors import SynapseError
 from synapse.util.retryutils import NotRetryingDestination
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from synapse_relay import _synapse
 from synapse_relay import sender as s
@@ -23,21 +22,12 @@ from synapse_relay._synapse import (
 from synapse_relay.admin import parse_relays
 from synapse_relay.config import SendConfig
 from synapse_relay.protocol import send_relay_path
+from tests.unit.deferreds import run
 
 US = "a.example"
 B = "b.example"
 R1 = "r1.example"
 R2 = "r2.example"
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine whose awaitables all complete at once; its result."""
-    results: list[Any] = []
-    defer.ensureDeferred(coro).addBoth(results.append)
-    assert results, "the coroutine is still waiting"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def unreachable(code: int | None = None) -> Unreachable:
