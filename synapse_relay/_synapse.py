@@ -14,6 +14,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
@@ -78,6 +79,9 @@ from synapse.types import StrCollection
 
 # util/retryutils.py: Synapse's per-destination backoff.
 from synapse.util import retryutils
+
+# util/async_helpers.py: a keyed lock that keeps logcontexts right.
+from synapse.util.async_helpers import Linearizer
 from synapse.util.retryutils import NotRetryingDestination
 
 # synapse/util/stringutils.py: the server-name grammar Synapse itself enforces.
@@ -109,6 +113,16 @@ def is_valid_server_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def keyed_lock(api: ModuleApi, name: str) -> Callable[[str], AsyncContextManager[None]]:
+    """`async with lock(key):` runs one holder per key at a time in this process.
+
+    Synapse's `Linearizer` (util/async_helpers.py), which the module API does not
+    offer, built with the homeserver's clock.
+    """
+    # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
+    return Linearizer(name, api._hs.get_clock()).queue
 
 
 def is_postgres(txn: Any) -> bool:

@@ -17,7 +17,11 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import is_valid_server_name, mount_federation_endpoints
+from synapse_relay._synapse import (
+    is_valid_server_name,
+    keyed_lock,
+    mount_federation_endpoints,
+)
 from synapse_relay.config import RelayConfig
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
 from synapse_relay.stats import RoleStats
@@ -217,6 +221,12 @@ class Relay:
             max_transactions=config.max_transactions_per_destination,
             max_bytes=config.max_bytes_per_destination,
         )
+        # Deposits and acknowledgements of one destination all update its totals
+        # row: done concurrently, PostgreSQL (REPEATABLE READ) fails all but one
+        # with serialization errors, and Synapse's few retries do not suffice
+        # under load. One at a time per destination in this process, they commit
+        # one after another.
+        self.queue_lock = keyed_lock(api, "synapse_relay_queue")
 
     async def purge_expired(self) -> None:
         before = self.api.get_current_time_msec() - self.config.retention_ms
@@ -263,16 +273,17 @@ class SendRelayEndpoint:
         # Cannot fail: authentication already encoded the body canonically.
         txn_json = encode_canonical_json(transaction).decode("utf-8")
         try:
-            deposit = await relay.store.deposit(
-                NewEntry(
-                    origin=origin,
-                    txn_id=txn_id,
-                    destination=destination,
-                    txn_json=txn_json,
-                    received_ms=now_ms,
-                ),
-                relay.quota,
-            )
+            async with relay.queue_lock(destination):
+                deposit = await relay.store.deposit(
+                    NewEntry(
+                        origin=origin,
+                        txn_id=txn_id,
+                        destination=destination,
+                        txn_json=txn_json,
+                        received_ms=now_ms,
+                    ),
+                    relay.quota,
+                )
         except QuotaExceeded as e:
             relay.stats.inc("deposits_refused")
             logger.warning("Refused deposit %s from %s: %s", txn_id, origin, e)
@@ -332,9 +343,10 @@ class RelayTxnEndpoint:
                 403, f"Only {destination} may collect its own mail", Codes.FORBIDDEN
             )
         acknowledged = parse_entry_id(content, query)
-        collected = await relay.store.acknowledge_and_get_oldest(
-            destination, acknowledged
-        )
+        async with relay.queue_lock(destination):
+            collected = await relay.store.acknowledge_and_get_oldest(
+                destination, acknowledged
+            )
         relay.stats.inc("collects")
         if collected.acknowledged:
             relay.stats.inc("acknowledged")

@@ -13,6 +13,7 @@ whose signing keys the homeservers fetch from them for real.
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -513,6 +514,40 @@ def test_hostile_requests_get_4xx_and_change_nothing(net: Relays) -> None:
     # and the relay still serves
     assert deposit(net.alice, net.main, bob).ok
     assert len(collect_all(net.bob, net.main)) == 2
+
+
+def test_concurrent_deposits_and_collects_of_one_destination(net: Relays) -> None:
+    """Many senders at once, while the owner collects: every deposit is stored
+    once (no 500 from contention on the destination's totals), nothing lost."""
+    txn_ids = [new_txn_id() for _ in range(120)]
+    collected: list[str] = []
+
+    def owner_collects() -> None:
+        entry_id = 0
+        deadline = time.monotonic() + 120
+        while len(collected) < len(txn_ids) and time.monotonic() < deadline:
+            body = collect(net.bob, net.main, content={"entry_id": entry_id}).json()
+            if body["entries_queued"]:
+                collected.append(body["transaction"]["transaction_id"])
+            entry_id = body["entry_id"]
+        collect(net.bob, net.main, content={"entry_id": entry_id})  # the last ack
+
+    with ThreadPoolExecutor(max_workers=33) as pool:
+        collecting = pool.submit(owner_collects)
+        statuses = list(
+            pool.map(
+                lambda txn_id: (
+                    deposit(
+                        net.alice, net.main, net.bob.server_name, txn_id=txn_id
+                    ).status_code
+                ),
+                txn_ids,
+            )
+        )
+        assert statuses == [200] * len(txn_ids)
+        collecting.result(timeout=120)
+    assert sorted(collected) == sorted(txn_ids)
+    assert collect_all(net.bob, net.main) == []
 
 
 # --- durability ---------------------------------------------------------------------
