@@ -94,7 +94,10 @@ RELAY_TIMEOUT_MS = 30_000
 STARTUP_DELAY_MS = 1_000
 # How long Synapse may take to process the PDUs of one fed transaction.
 PROCESSING_TIMEOUT_MS = 60_000
-PROCESSING_POLL_MS = (10, 20, 50, 100, 200, 500)
+# Checked often at first (fed PDUs typically take 10-30 ms; each check is one
+# indexed query), then less: this bounds the wait between one transaction's
+# processing and the next fetch, which sets the pace of a collection.
+PROCESSING_POLL_MS = (2,) * 15 + (10, 20, 50, 100, 200, 500)
 # A transaction that fails this many times in a row while our database answers
 # is given up (acknowledged), so that it cannot block the mailbox forever.
 GIVE_UP_AFTER_ATTEMPTS = 10

@@ -414,7 +414,7 @@ def test_waits_until_synapse_processed_the_pdus() -> None:
     collector, hs, _, api = make(("r1", relay))
     hs.staged_polls = [{"$event1"}, {"$event1"}, set()]
     run(collector.collect())
-    assert api.slept == [0.01, 0.02]
+    assert api.slept == [ms / 1000 for ms in c.PROCESSING_POLL_MS[:2]]
     assert relay.entries == {}
 
 
