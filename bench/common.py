@@ -26,7 +26,7 @@ from typing import Any
 import requests
 from canonicaljson import encode_canonical_json
 
-from synapse_relay.loopback import Homeserver, PostgresCluster
+from synapse_relay.loopback import Homeserver, PostgresCluster, wait_until
 from synapse_relay.protocol import relay_txn_path
 from tests.harness.fedclient import FakeServer
 
@@ -531,14 +531,10 @@ def wait_for(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
 ) -> Any:
     """Poll `predicate` until it returns something truthy; BenchError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, interval, message=what)
+    except TimeoutError as e:
+        raise BenchError(str(e)) from None
 
 
 @dataclass

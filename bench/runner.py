@@ -11,14 +11,12 @@ import hashlib
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from synapse_relay.loopback import (
     HomeserverError,
     PostgresCluster,
     make_self_signed_cert,
+    terminated_as_interrupt,
 )
 
 FIGURES: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
@@ -198,20 +197,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-@contextmanager
-def _terminated_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the servers as Ctrl-C does."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -246,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     code["changed_during"] = []
     log(f"synapse-relay benchmarks in {root}: figures {', '.join(args.figures)}")
     try:
-        with _terminated_as_interrupt():
+        with terminated_as_interrupt():
             ctx = Context(
                 options=options,
                 root=root,

@@ -13,7 +13,6 @@ import argparse
 import json
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from synapse_relay.loopback import (
     PostgresCluster,
     free_port,
     make_self_signed_cert,
+    terminated_as_interrupt,
     wait_until,
 )
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     print("synapse-relay demo: a relay carries alice's messages to bob", file=out)
     succeeded = False
-    with _terminated_as_interrupt(), _postgres(args.postgres, args.keep) as postgres:
+    with terminated_as_interrupt(), _postgres(args.postgres, args.keep) as postgres:
         scenario = Scenario(
             directory, postgres.create_database if postgres else lambda: None
         )
@@ -386,17 +386,3 @@ def _postgres(enabled: bool, keep: bool) -> Iterator[PostgresCluster | None]:
     finally:
         if not keep:
             cluster.stop()
-
-
-@contextmanager
-def _terminated_as_interrupt() -> Iterator[None]:
-    """SIGTERM cleans up like Ctrl-C does."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

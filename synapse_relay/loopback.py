@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -78,6 +79,21 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{message} not met within {timeout} s")
         time.sleep(interval)
+
+
+@contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises KeyboardInterrupt, so that the code that stops
+    servers on Ctrl-C stops them on `kill` too."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def tail(path: Path, n: int) -> str:
