@@ -8,6 +8,7 @@ import pytest
 from twisted.internet import defer
 
 from synapse_relay import collector as c
+from synapse_relay import inbound
 from synapse_relay._synapse import HeldKey, NotaryKeyRejected, RelayRequestFailed
 from synapse_relay.config import ReceiveConfig
 from tests.harness.fake_relay import Mailbox
@@ -58,17 +59,17 @@ def to_device(type_: str = "m.room.encrypted", sender: str = f"@alice:{A}") -> d
 
 
 def test_parse_relay_answer() -> None:
-    assert c.parse_relay_answer({"transaction": {}, "entry_id": 0}) is None
-    assert c.parse_relay_answer({"entries_queued": False, "entry_id": 0}) is None
-    entry = c.parse_relay_answer(
+    assert inbound.parse_relay_answer({"transaction": {}, "entry_id": 0}) is None
+    assert inbound.parse_relay_answer({"entries_queued": False, "entry_id": 0}) is None
+    entry = inbound.parse_relay_answer(
         {"transaction": {"a": 1}, "entry_id": 7, "entries_queued": True}
     )
-    assert entry == c.RelayEntry(7, {"a": 1})
+    assert entry == inbound.RelayEntry(7, {"a": 1})
     # Dendrite may flag the last entry as the last one: still an entry
-    entry = c.parse_relay_answer(
+    entry = inbound.parse_relay_answer(
         {"transaction": {"a": 1}, "entry_id": 8, "entries_queued": False}
     )
-    assert entry == c.RelayEntry(8, {"a": 1})
+    assert entry == inbound.RelayEntry(8, {"a": 1})
     bad: Any
     for bad in (
         [],
@@ -77,8 +78,8 @@ def test_parse_relay_answer() -> None:
         {"transaction": {"a": 1}, "entry_id": "3"},
         {"transaction": {"a": 1}, "entry_id": True},
     ):
-        with pytest.raises(c.MalformedAnswer):
-            c.parse_relay_answer(bad)
+        with pytest.raises(inbound.MalformedAnswer):
+            inbound.parse_relay_answer(bad)
 
 
 def test_prepare_keeps_what_the_origin_signed() -> None:
@@ -94,8 +95,8 @@ def test_prepare_keeps_what_the_origin_signed() -> None:
         ],
         extra="dropped",
     )
-    prepared = c.prepare_transaction(body, US, now_ms=99)
-    assert isinstance(prepared, c.Prepared)
+    prepared = inbound.prepare_transaction(body, US, now_ms=99)
+    assert isinstance(prepared, inbound.Prepared)
     assert prepared.origin == A
     assert prepared.txn_id == "t0" and not prepared.derived_id
     assert prepared.fed_txn_id == "relayed:t0"
@@ -126,18 +127,18 @@ def test_prepare_keeps_what_the_origin_signed() -> None:
     ],
 )
 def test_prepare_refuses(fields: dict, reason: str) -> None:
-    refusal = c.prepare_transaction(txn(**fields), US, now_ms=1)
-    assert isinstance(refusal, c.Refusal)
+    refusal = inbound.prepare_transaction(txn(**fields), US, now_ms=1)
+    assert isinstance(refusal, inbound.Refusal)
     assert reason in refusal.reason
 
 
 def test_prepare_without_destination_or_id_or_ts() -> None:
     body = txn()
     del body["destination"], body["transaction_id"], body["origin_server_ts"]
-    prepared = c.prepare_transaction(body, US, now_ms=42)
-    assert isinstance(prepared, c.Prepared)
+    prepared = inbound.prepare_transaction(body, US, now_ms=42)
+    assert isinstance(prepared, inbound.Prepared)
     assert prepared.derived_id
-    assert prepared.txn_id == c.derive_txn_id(body)
+    assert prepared.txn_id == inbound.derive_txn_id(body)
     assert prepared.body["origin_server_ts"] == 42
     assert prepared.body["destination"] == US
 
@@ -146,10 +147,10 @@ def test_derived_txn_id_is_stable_and_content_bound() -> None:
     body = txn()
     del body["transaction_id"]
     same = dict(reversed(list(body.items())))
-    assert c.derive_txn_id(body) == c.derive_txn_id(same)
-    assert c.derive_txn_id(body).startswith("derived-")
-    assert len(c.derive_txn_id(body)) == len("derived-") + 43
-    assert c.derive_txn_id(body) != c.derive_txn_id({**body, "pdus": []})
+    assert inbound.derive_txn_id(body) == inbound.derive_txn_id(same)
+    assert inbound.derive_txn_id(body).startswith("derived-")
+    assert len(inbound.derive_txn_id(body)) == len("derived-") + 43
+    assert inbound.derive_txn_id(body) != inbound.derive_txn_id({**body, "pdus": []})
 
 
 def test_keys_needed_and_satisfied() -> None:
@@ -159,12 +160,12 @@ def test_keys_needed_and_satisfied() -> None:
         pdu(3, ts=20, signatures={A: {"ed25519:k2": "s"}}),
         pdu(4, signatures={}),
     ]
-    needed = c.keys_needed(pdus, A)
+    needed = inbound.keys_needed(pdus, A)
     assert needed == {"ed25519:k1": 30, "ed25519:k2": 20}
     held = {"ed25519:k1": HeldKey("K1", 30), "ed25519:k2": HeldKey("K2", 25)}
-    assert c.keys_satisfied(held, needed)
-    assert not c.keys_satisfied({"ed25519:k1": HeldKey("K1", 29)}, needed)
-    assert not c.keys_satisfied({"ed25519:k1": HeldKey("K1", 30)}, needed)
+    assert inbound.keys_satisfied(held, needed)
+    assert not inbound.keys_satisfied({"ed25519:k1": HeldKey("K1", 29)}, needed)
+    assert not inbound.keys_satisfied({"ed25519:k1": HeldKey("K1", 30)}, needed)
 
 
 def server_keys(key: str = "K1", until: int = 100, old: dict | None = None) -> dict:
@@ -180,35 +181,35 @@ def server_keys(key: str = "K1", until: int = 100, old: dict | None = None) -> d
 def test_judge_offered_keys() -> None:
     needed = {"ed25519:k1": 50}
     # nothing held: useful
-    assert c.judge_offered_keys({}, needed, server_keys()) is None
+    assert inbound.judge_offered_keys({}, needed, server_keys()) is None
     # the same key, valid for longer: useful (padding does not matter)
     held = {"ed25519:k1": HeldKey("K1=", 10)}
-    assert c.judge_offered_keys(held, needed, server_keys()) is None
+    assert inbound.judge_offered_keys(held, needed, server_keys()) is None
     # another key under the same id: never
-    objection = c.judge_offered_keys(held, needed, server_keys(key="EVIL"))
+    objection = inbound.judge_offered_keys(held, needed, server_keys(key="EVIL"))
     assert objection is not None and "contradicts" in objection
     # an old key contradicting ours: never
     held_old = {"ed25519:k0": HeldKey("K0", 5), **held}
     offered = server_keys(old={"ed25519:k0": {"key": "EVIL", "expired_ts": 5}})
-    objection = c.judge_offered_keys(held_old, needed, offered)
+    objection = inbound.judge_offered_keys(held_old, needed, offered)
     assert objection is not None and "ed25519:k0 contradicts" in objection
     # not valid for longer than ours: useless
     held = {"ed25519:k1": HeldKey("K1", 100)}
-    assert c.judge_offered_keys(held, needed, server_keys()) is not None
+    assert inbound.judge_offered_keys(held, needed, server_keys()) is not None
     # no needed key at all
-    assert c.judge_offered_keys({}, {"ed25519:k9": 1}, server_keys()) is not None
-    assert c.offered_keys(
+    assert inbound.judge_offered_keys({}, {"ed25519:k9": 1}, server_keys()) is not None
+    assert inbound.offered_keys(
         server_keys(old={"ed25519:k0": {"key": "K0==", "expired_ts": 7}})
     ) == {"ed25519:k1": ("K1", 100), "ed25519:k0": ("K0", 7)}
 
 
 def test_judge_feed() -> None:
-    busy = c.judge_feed(429, {})
-    assert busy.verdict is c.Verdict.TRANSIENT and not busy.counts_as_attempt
-    assert c.judge_feed(500, {}).verdict is c.Verdict.TRANSIENT
-    assert c.judge_feed(500, {}).counts_as_attempt
-    assert c.judge_feed(400, {}).verdict is c.Verdict.REJECTED
-    ok = c.judge_feed(
+    busy = inbound.judge_feed(429, {})
+    assert busy.verdict is inbound.Verdict.TRANSIENT and not busy.counts_as_attempt
+    assert inbound.judge_feed(500, {}).verdict is inbound.Verdict.TRANSIENT
+    assert inbound.judge_feed(500, {}).counts_as_attempt
+    assert inbound.judge_feed(400, {}).verdict is inbound.Verdict.REJECTED
+    ok = inbound.judge_feed(
         200,
         {
             "pdus": {
@@ -218,10 +219,10 @@ def test_judge_feed() -> None:
             }
         },
     )
-    assert ok.verdict is c.Verdict.PROCESSED
+    assert ok.verdict is inbound.Verdict.PROCESSED
     assert ok.accepted == ("$ok",)
     assert set(ok.rejected) == {"$bad_sig", "$acl"}
-    no_key = c.judge_feed(
+    no_key = inbound.judge_feed(
         200,
         {
             "pdus": {
@@ -232,14 +233,16 @@ def test_judge_feed() -> None:
             }
         },
     )
-    assert no_key.verdict is c.Verdict.TRANSIENT and no_key.counts_as_attempt
-    database = c.judge_feed(200, {"pdus": {"$e": {"error": "connection refused"}}})
-    assert database.verdict is c.Verdict.TRANSIENT
-    assert c.judge_feed(200, {}).verdict is c.Verdict.PROCESSED
+    assert no_key.verdict is inbound.Verdict.TRANSIENT and no_key.counts_as_attempt
+    database = inbound.judge_feed(
+        200, {"pdus": {"$e": {"error": "connection refused"}}}
+    )
+    assert database.verdict is inbound.Verdict.TRANSIENT
+    assert inbound.judge_feed(200, {}).verdict is inbound.Verdict.PROCESSED
 
 
 def test_retry_txn_id() -> None:
-    assert c.retry_txn_id("relayed:t1", 5) == "relayed:t1:retry:5"
+    assert inbound.retry_txn_id("relayed:t1", 5) == "relayed:t1:retry:5"
 
 
 # --- the collection loop ------------------------------------------------------------
@@ -299,7 +302,7 @@ class FakeHomeserver:
         if keys.get("bad"):
             raise NotaryKeyRejected("bad signature")
         self.stored_notary_keys.append((notary, keys))
-        for key_id, (key, until) in c.offered_keys(keys).items():
+        for key_id, (key, until) in inbound.offered_keys(keys).items():
             self.keys[key_id] = HeldKey(key, until)
 
     async def previous_response(
