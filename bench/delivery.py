@@ -353,10 +353,7 @@ def run(ctx: Context) -> dict[str, Any]:
     mailbox: FakeServer | None = None
     try:
         ctx.log("figure 3: starting A, R, B; bob@B joins alice@A's room")
-        for homeserver in scenario.homeservers:
-            homeserver.start()
-        scenario.setup_users()
-        scenario.join_room()
+        scenario.start_and_join()
 
         ctx.log(f"figure 3: B offline, alice sends {count} messages, deposited on R")
         b.stop()

@@ -144,10 +144,7 @@ def run(ctx: Context) -> dict[str, Any]:
     admin: AdminSession | None = None
     try:
         ctx.log("figure 1: starting A, R, B; bob@B joins alice@A's room")
-        for homeserver in scenario.homeservers:
-            homeserver.start()
-        scenario.setup_users()
-        scenario.join_room()
+        scenario.start_and_join()
         admin = AdminSession(scenario.a, User(scenario.a, "admin", admin=True).token)
         messages = Messages(scenario, scenario.alice)
         results: dict[str, Any] = {"messages": count}

@@ -157,6 +157,13 @@ class Scenario:
         homeserver.start()
         return time.monotonic() - started
 
+    def start_and_join(self) -> None:
+        """Start the three homeservers and bring alice and bob into one room."""
+        for homeserver in self.homeservers:
+            homeserver.start()
+        self.setup_users()
+        self.join_room()
+
     def setup_users(self) -> None:
         self.alice = User(self.a, "alice")
         self.bob = User(self.b, "bob")
