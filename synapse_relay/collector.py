@@ -43,12 +43,11 @@ from synapse.module_api import (
 )
 from twisted.internet import defer
 
-from synapse_relay._synapse import (
-    HeldKey,
+from synapse_relay._synapse import HeldKey, fire_in_sentinel_context
+from synapse_relay._synapse.inbound import (
     InboundFederation,
     NotaryKeyRejected,
     RelayRequestFailed,
-    fire_in_sentinel_context,
 )
 from synapse_relay.config import ReceiveConfig
 from synapse_relay.inbound import (
@@ -139,7 +138,7 @@ class CollectionResult:
 
 
 class Homeserver(Protocol):
-    """What the collector needs from Synapse (`_synapse.InboundFederation`)."""
+    """What the collector needs from Synapse (`_synapse.inbound.InboundFederation`)."""
 
     server_name: str
 

@@ -6,8 +6,8 @@
   destination its oldest entry, after deleting the one it *acknowledges*.
 
 Both are served by Synapse's federation listener with X-Matrix authentication (see
-`_synapse.mount_federation_endpoints`); `origin` below is always the authenticated
-server, never a value taken from the request body.
+`_synapse.servlets.mount_federation_endpoints`); `origin` below is always the
+authenticated server, never a value taken from the request body.
 """
 
 import json
@@ -17,11 +17,8 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import (
-    is_valid_server_name,
-    keyed_lock,
-    mount_federation_endpoints,
-)
+from synapse_relay._synapse import is_valid_server_name, keyed_lock
+from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import RelayConfig
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
 from synapse_relay.stats import RoleStats

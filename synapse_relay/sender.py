@@ -38,8 +38,8 @@ delay (`Sender.lets_through`). A relay that fails (no answer, or an error answer
 including 507 quota) is skipped for `relay_retry_delay_ms(failures)` (1 s doubling
 to 30 s); the others are not held up by it.
 
-Everything Synapse-internal is in `_synapse.py`; the decisions here are plain code
-with the clock passed in, unit-tested in tests/unit/test_sender.py.
+Everything Synapse-internal is in `_synapse/outbound.py`; the decisions here are
+plain code with the clock passed in, unit-tested in tests/unit/test_sender.py.
 """
 
 import enum
@@ -51,7 +51,7 @@ import attr
 from synapse.module_api import JsonDict, ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
-from synapse_relay._synapse import (
+from synapse_relay._synapse.outbound import (
     BackedOff,
     DeliveryError,
     Denied,

@@ -9,7 +9,8 @@ from twisted.internet import defer
 
 from synapse_relay import collector as c
 from synapse_relay import inbound
-from synapse_relay._synapse import HeldKey, NotaryKeyRejected, RelayRequestFailed
+from synapse_relay._synapse import HeldKey
+from synapse_relay._synapse.inbound import NotaryKeyRejected, RelayRequestFailed
 from synapse_relay.config import ReceiveConfig
 from tests.harness.fake_relay import Mailbox
 from tests.unit.deferreds import run

@@ -10,9 +10,9 @@ from synapse.module_api.errors import SynapseError
 from synapse.util.retryutils import NotRetryingDestination
 from twisted.internet import defer
 
-from synapse_relay import _synapse
 from synapse_relay import sender as s
-from synapse_relay._synapse import (
+from synapse_relay._synapse import outbound
+from synapse_relay._synapse.outbound import (
     BackedOff,
     DeliveryError,
     OutgoingTransaction,
@@ -584,7 +584,7 @@ def test_delivery_errors_keep_synapse_exception() -> None:
     assert error.original is original and error.code == 502
 
 
-# --- the backoff interceptions in _synapse.py ---------------------------------------
+# --- the backoff interceptions in _synapse/outbound.py ---------------------------
 
 
 class FakeTimings:
@@ -621,7 +621,7 @@ def bypass(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     async def lets_through(destination: str) -> bool:
         return destination in through
 
-    monkeypatch.setattr(_synapse, "_backoff_bypasses", [lets_through])
+    monkeypatch.setattr(outbound, "_backoff_bypasses", [lets_through])
     return through
 
 
@@ -640,7 +640,7 @@ def test_one_hour_filter_lets_relayed_destinations_through(bypass: set[str]) -> 
     destinations = ["up.example", "soon.example", "late.example", "relayed.example"]
     bypass.add("relayed.example")
     kept = run(
-        _synapse._filter_destinations_by_retry_limiter(destinations, clock, store, hour)
+        outbound._filter_destinations_by_retry_limiter(destinations, clock, store, hour)
     )
     assert sorted(kept) == ["relayed.example", "soon.example", "up.example"]
 
@@ -655,6 +655,6 @@ def test_retry_limiter_lets_relayed_destinations_through(bypass: set[str]) -> No
         "store": store,
     }
     with pytest.raises(NotRetryingDestination):
-        run(_synapse._get_retry_limiter(destination=B, **kwargs))
+        run(outbound._get_retry_limiter(destination=B, **kwargs))
     bypass.add(B)
-    assert run(_synapse._get_retry_limiter(destination=B, **kwargs)) is not None
+    assert run(outbound._get_retry_limiter(destination=B, **kwargs)) is not None

@@ -1,0 +1,80 @@
+"""Every touch of Synapse internals that the module API has no way to do.
+
+Checked against matrix-synapse 1.163. Each function names the Synapse code it relies
+on, so that a Synapse upgrade is this one folder's work (see SYNAPSE.md in the design
+notes for how each fact was verified). Split by direction, each with its own users:
+
+- `servlets`: serving the module's federation endpoints (relay.py);
+- `inbound`: collecting from relays and feeding Synapse (collector.py);
+- `outbound`: Synapse's federation sender and client (sender.py).
+
+This package itself holds only light helpers that pure modules (config.py,
+inbound.py) may import without pulling in Synapse's federation machinery.
+"""
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from typing import Any
+
+import attr
+
+# logging/context.py: Deferreds awaited through make_deferred_yieldable must be fired
+# from the sentinel logcontext (see fire_in_sentinel_context).
+from synapse.logging.context import PreserveLoggingContext
+from synapse.module_api import ModuleApi
+
+# synapse/storage/engines: the engine class tells SQLite and PostgreSQL apart.
+from synapse.storage.engines import PostgresEngine
+
+# util/async_helpers.py: a keyed lock that keeps logcontexts right.
+from synapse.util.async_helpers import Linearizer
+
+# synapse/util/stringutils.py: the server-name grammar Synapse itself enforces.
+from synapse.util.stringutils import parse_and_validate_server_name
+from twisted.internet import defer
+
+
+def is_valid_server_name(name: str) -> bool:
+    try:
+        parse_and_validate_server_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def keyed_lock(api: ModuleApi, name: str) -> Callable[[str], AsyncContextManager[None]]:
+    """`async with lock(key):` runs one holder per key at a time in this process.
+
+    Synapse's `Linearizer` (util/async_helpers.py), which the module API does not
+    offer, built with the homeserver's clock.
+    """
+    # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
+    return Linearizer(name, api._hs.get_clock()).queue
+
+
+def is_postgres(txn: Any) -> bool:
+    """Whether a `run_db_interaction` transaction runs on PostgreSQL."""
+    return isinstance(txn.database_engine, PostgresEngine)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class HeldKey:
+    """A server signing key we already hold (`server_keys_json`)."""
+
+    # unpadded base64 of the public key
+    key: str
+    valid_until_ts: int
+
+
+def fire_in_sentinel_context(
+    waiters: Sequence["defer.Deferred[Any]"], result: Any
+) -> None:
+    """Fire Deferreds that callers await through `make_deferred_yieldable`.
+
+    synapse/logging/context.py: a Deferred must be fired from the sentinel
+    logcontext (`PreserveLoggingContext`), otherwise the firing code's logcontext
+    leaks into the waiters' code and back ("Expected logging context ... was lost").
+    """
+    with PreserveLoggingContext():
+        for waiter in waiters:
+            waiter.callback(result)
