@@ -55,6 +55,7 @@ class QueuesEndpoint:
                     "transactions": q.transactions,
                     "bytes": q.bytes,
                     "oldest_ts": q.oldest_ts,
+                    "proven": q.proven,
                 }
                 for q in queues
             ]

@@ -34,3 +34,11 @@ def relay_txn_path(server_name: str) -> str:
     return (
         f"{FEDERATION_PREFIX}/relay_txn/{quote(mailbox_user_id(server_name), safe='')}"
     )
+
+
+# The namespace of this project's unstable identifiers (DESIGN.md section 2b).
+UNSTABLE_NAMESPACE = "synapse_relay"
+
+# The origin proof of a deposit: on a deposit body, beside a transaction in collect
+# answers, and the column the relay keeps it in (DESIGN.md section 2b).
+ORIGIN_AUTH = f"{UNSTABLE_NAMESPACE}.origin_auth"

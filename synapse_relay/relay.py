@@ -20,7 +20,7 @@ from synapse.module_api.errors import Codes, SynapseError
 from synapse_relay._synapse import is_valid_server_name, keyed_lock
 from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import RelayConfig
-from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
+from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import NewEntry, Quota, QuotaExceeded, RelayStore
 
@@ -350,8 +350,11 @@ class RelayTxnEndpoint:
         entry = collected.entry
         if entry is None:
             return 200, {"transaction": {}, "entry_id": 0, "entries_queued": False}
-        return 200, {
+        answer: JsonDict = {
             "transaction": json.loads(entry.txn_json),
             "entry_id": entry.entry_id,
             "entries_queued": True,
         }
+        if entry.origin_auth is not None:
+            answer[ORIGIN_AUTH] = json.loads(entry.origin_auth)
+        return 200, answer

@@ -17,6 +17,10 @@ The send role keeps one table (schema version 2):
   API, overriding the `send.relays` configuration for that destination; `relays` is
   a JSON list of server names (an empty list means "no relays").
 
+Schema version 3 adds `synapse_relay_entries.origin_auth`: the origin proof of the
+entry (DESIGN.md section 2b, JSON `{"key": "ed25519:...", "sig": "..."}`), NULL for
+an unproven entry. `txn_json` is always the transaction's six fields alone.
+
 All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. PostgreSQL runs
 these functions at REPEATABLE READ and retries them on serialization failures, so
 they have no side effects beyond the database.
@@ -36,7 +40,7 @@ from synapse_relay._synapse import fire_in_sentinel_context, is_postgres
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PURGE_BATCH = 1000
 
@@ -80,8 +84,16 @@ def _schema_v2(postgres: bool) -> list[str]:
     ]
 
 
+def _schema_v3(postgres: bool) -> list[str]:
+    return ["ALTER TABLE synapse_relay_entries ADD COLUMN origin_auth TEXT"]
+
+
 # version -> the statements that bring the schema from version - 1 to it
-_MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {1: _schema_v1, 2: _schema_v2}
+_MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
+    1: _schema_v1,
+    2: _schema_v2,
+    3: _schema_v3,
+}
 
 
 class QuotaExceeded(Exception):
@@ -99,6 +111,8 @@ class NewEntry:
     destination: str
     txn_json: str
     received_ms: int
+    # the origin proof as JSON text, None for an unproven deposit
+    origin_auth: str | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -118,6 +132,8 @@ class Deposit:
 class Entry:
     entry_id: int
     txn_json: str
+    # the origin proof as JSON text, None for an unproven entry
+    origin_auth: str | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -134,6 +150,8 @@ class Queue:
     transactions: int
     bytes: int
     oldest_ts: int | None
+    # how many of the queued transactions carry an origin proof
+    proven: int
 
 
 class RelayStore:
@@ -299,8 +317,8 @@ def _deposit_txn(txn: Any, entry: NewEntry, quota: Quota) -> Deposit:
     # failure, which Synapse retries: the retry then finds the stored entry above.
     txn.execute(
         "INSERT INTO synapse_relay_entries"
-        " (destination, origin, txn_id, received_ts, size, txn_json)"
-        " VALUES (?, ?, ?, ?, ?, ?)"
+        " (destination, origin, txn_id, received_ts, size, txn_json, origin_auth)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (origin, txn_id, destination) DO NOTHING"
         " RETURNING entry_id",
         (
@@ -310,6 +328,7 @@ def _deposit_txn(txn: Any, entry: NewEntry, quota: Quota) -> Deposit:
             entry.received_ms,
             size,
             entry.txn_json,
+            entry.origin_auth,
         ),
     )
     (entry_id,) = txn.fetchone()
@@ -341,12 +360,12 @@ def _acknowledge_and_get_oldest_txn(
             acknowledged = True
             _shrink_queue(txn, destination, 1, row[0])
     txn.execute(
-        "SELECT entry_id, txn_json FROM synapse_relay_entries WHERE destination = ?"
-        " ORDER BY entry_id LIMIT 1",
+        "SELECT entry_id, txn_json, origin_auth FROM synapse_relay_entries"
+        " WHERE destination = ? ORDER BY entry_id LIMIT 1",
         (destination,),
     )
     row = txn.fetchone()
-    entry = None if row is None else Entry(entry_id=row[0], txn_json=row[1])
+    entry = None if row is None else Entry(*row)
     return Collected(acknowledged=acknowledged, entry=entry)
 
 
@@ -354,7 +373,9 @@ def _queues_txn(txn: Any) -> list[Queue]:
     txn.execute(
         "SELECT q.destination, q.transactions, q.bytes,"
         " (SELECT e.received_ts FROM synapse_relay_entries AS e"
-        "  WHERE e.destination = q.destination ORDER BY e.entry_id LIMIT 1)"
+        "  WHERE e.destination = q.destination ORDER BY e.entry_id LIMIT 1),"
+        " (SELECT COUNT(*) FROM synapse_relay_entries AS e"
+        "  WHERE e.destination = q.destination AND e.origin_auth IS NOT NULL)"
         " FROM synapse_relay_queues AS q WHERE q.transactions > 0"
         " ORDER BY q.destination"
     )

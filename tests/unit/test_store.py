@@ -80,7 +80,10 @@ def test_deposit_is_idempotent_per_origin_txn_destination(txn: Txn) -> None:
     assert not deposit(txn, origin="c").duplicate
     assert not deposit(txn, destination="c").duplicate
     assert not deposit(txn, txn_id="t2").duplicate
-    assert store._queues_txn(txn) == [Queue("b", 3, 6, 1000), Queue("c", 1, 2, 1000)]
+    assert store._queues_txn(txn) == [
+        Queue("b", 3, 6, 1000, 0),
+        Queue("c", 1, 2, 1000, 0),
+    ]
 
 
 def test_fifo_and_ack_deletes_exactly_that_entry(txn: Txn) -> None:
@@ -95,7 +98,7 @@ def test_fifo_and_ack_deletes_exactly_that_entry(txn: Txn) -> None:
     assert collect(txn, ack=ids[0]) == Collected(True, Entry(ids[2], '"2"'))
     assert collect(txn, ack=ids[0]) == Collected(False, Entry(ids[2], '"2"'))
     assert collect(txn, ack=ids[2]) == Collected(True, None)
-    assert store._queues_txn(txn) == [Queue("c", 1, 2, 1000)]
+    assert store._queues_txn(txn) == [Queue("c", 1, 2, 1000, 0)]
 
 
 def test_entry_ids_are_never_reused(txn: Txn) -> None:
@@ -120,7 +123,7 @@ def test_quota_of_bytes(txn: Txn) -> None:
     with pytest.raises(QuotaExceeded, match="max_bytes_per_destination"):
         deposit(txn, txn_id="2", body="y" * 41, max_bytes=100)
     deposit(txn, txn_id="3", body="z" * 40, max_bytes=100)
-    assert store._queues_txn(txn) == [Queue("b", 2, 100, 1000)]
+    assert store._queues_txn(txn) == [Queue("b", 2, 100, 1000, 0)]
 
 
 def test_bytes_are_utf8_bytes(txn: Txn) -> None:
@@ -133,7 +136,7 @@ def test_purge_removes_old_entries_and_updates_totals(txn: Txn) -> None:
     deposit(txn, txn_id="old", destination="c", now=150)
     kept = deposit(txn, txn_id="new", now=300).entry_id
     assert store._purge_batch_txn(txn, 200, 10) == 2
-    assert store._queues_txn(txn) == [Queue("b", 1, 2, 300)]
+    assert store._queues_txn(txn) == [Queue("b", 1, 2, 300, 0)]
     assert collect(txn).entry == Entry(kept, "{}")
 
 
@@ -144,3 +147,26 @@ def test_purge_works_in_batches(txn: Txn) -> None:
     assert store._purge_batch_txn(txn, 100, 2) == 2
     assert store._purge_batch_txn(txn, 100, 2) == 1
     assert store._queues_txn(txn) == []
+
+
+def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
+    proof = '{"key":"ed25519:k","sig":"s"}'
+    proven = store._deposit_txn(
+        txn, NewEntry("a", "p", "b", "{}", 1000, origin_auth=proof), Quota(10, 1000)
+    ).entry_id
+    unproven = deposit(txn, txn_id="u").entry_id
+    assert store._queues_txn(txn) == [Queue("b", 2, 4, 1000, 1)]
+    assert collect(txn) == Collected(False, Entry(proven, "{}", proof))
+    assert collect(txn, ack=proven) == Collected(True, Entry(unproven, "{}", None))
+
+
+def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
+    txn.execute("ALTER TABLE synapse_relay_entries DROP COLUMN origin_auth")
+    txn.execute("UPDATE synapse_relay_schema_version SET version = 2")
+    txn.execute(
+        "INSERT INTO synapse_relay_entries"
+        " (destination, origin, txn_id, received_ts, size, txn_json)"
+        " VALUES ('b', 'a', 't', 1000, 2, '{}')"
+    )
+    store._create_or_migrate_schema_txn(txn)
+    assert collect(txn).entry == Entry(1, "{}", None)
