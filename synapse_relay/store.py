@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attr
-from synapse.module_api import ModuleApi, make_deferred_yieldable, run_in_background
+from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
 from synapse_relay._synapse import fire_in_sentinel_context, is_postgres
@@ -167,7 +167,13 @@ class RelayStore:
         waiter: defer.Deferred[Exception | None] = defer.Deferred()
         self._schema_waiters.append(waiter)
         if len(self._schema_waiters) == 1:
-            run_in_background(self._create_schema_and_wake_waiters)
+            # A background process of its own, not the first caller's logcontext:
+            # the first caller may finish (and its logcontext with it) before the
+            # work does, which Synapse reports as an ERROR ("Background process
+            # re-entered without a proc") or a "Re-starting finished log context".
+            self._api.run_as_background_process(
+                "synapse_relay_schema", self._create_schema_and_wake_waiters
+            )
         error = await make_deferred_yieldable(waiter)
         if error is not None:
             raise error

@@ -1,6 +1,7 @@
 """Homeservers for test modules: the real processes of `synapse_relay.loopback`,
 created on a database backend and all stopped together."""
 
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,27 @@ __all__ = [
     "HomeserverError",
     "HomeserverFactory",
     "free_port",
+    "log_problems",
     "tail",
     "wait_until",
 ]
+
+
+# What a healthy homeserver never logs: an ERROR (or worse), a traceback or stack,
+# or Synapse's complaints about logcontexts misused (synapse/logging/context.py).
+_PROBLEM = re.compile(
+    r" - (ERROR|CRITICAL) - "
+    r"|(Traceback|Stack) \(most recent call last\)"
+    r"|Re-starting finished log context"
+    r"|Expected logging context .* was lost"
+    r"|without recording a start rusage"
+)
+
+
+def log_problems(homeserver: Homeserver) -> list[str]:
+    """The lines of `homeserver`'s log that a healthy homeserver never logs."""
+    with homeserver.log_path.open(encoding="utf-8", errors="replace") as log:
+        return [line.rstrip("\n") for line in log if _PROBLEM.search(line)]
 
 
 DatabaseFactory = Callable[[], dict[str, Any] | None]
