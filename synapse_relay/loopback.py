@@ -11,6 +11,7 @@ This file is synchronous on purpose: it drives processes and speaks plain HTTP t
 them, as an admin's script would, with `requests` (a dependency of Synapse).
 """
 
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -133,6 +135,58 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class SilentListener(Service):
+    """A loopback TCP port that accepts connections and never answers (nor closes
+    them): a destination that went silent (a sleeping phone, a stale NAT mapping).
+    Stopping it closes every connection, so that waiting clients fail at once."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._socket: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._socket is not None
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._socket = listener
+        self._thread = threading.Thread(target=self._accept, args=(listener,))
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            self._connections.append(connection)
+
+    @property
+    def connections(self) -> int:
+        """How many connections it accepted."""
+        return len(self._connections)
+
+    def stop(self) -> None:
+        listener, self._socket = self._socket, None
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        listener.close()
+        if self._thread is not None:
+            self._thread.join(5)
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
 
 
 class HomeserverError(RuntimeError):

@@ -12,11 +12,18 @@ How a transaction to a destination with relays goes (`Sender.send`):
    short pauses between them (`retry_delay_ms`). The first attempt respects and
    feeds Synapse's backoff of the destination, the later ones are made despite it.
    A 2xx: sent. An error answer that is not 5xx or 429 (400, 401, 403...) is the
-   destination speaking: it goes back to Synapse unchanged and is never relayed.
+   destination speaking: it goes back to Synapse unchanged and is not relayed.
    Connection failures, timeouts, 5xx and 429 count as failed attempts; when all
    of them failed the destination is *down*. A destination that Synapse is already
    backing off from, and that has not answered since this process started, is down
    at once.
+   When the attempts have had no answer for `DEPOSIT_AFTER_MS` (a destination that
+   accepts TCP but never answers: a sleeping phone, a stale NAT mapping), the
+   transaction is deposited *as well*, while the attempts go on (`_Race`): the
+   first of the two to take it decides what Synapse is told. A slow but alive
+   destination still gets it directly, and the copy on the relays is a harmless
+   duplicate (events are deduplicated by id, proven transactions by the origin's
+   transaction id). Only failed attempts make the destination down.
 2. Destination down: straight to the relays, in parallel; the transaction counts as
    sent when the first relay answers 200, and the other deposits finish in the
    background. So a message sent while its destination is down is on a relay one
@@ -50,7 +57,9 @@ from typing import Protocol
 import attr
 from synapse.module_api import JsonDict, ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 
+from synapse_relay._synapse import fire_in_sentinel_context
 from synapse_relay._synapse.outbound import (
     BackedOff,
     DeliveryError,
@@ -80,6 +89,13 @@ DIRECT_TIMEOUT_MS = 10_000
 # most 2 s (the default 3 attempts add 0.3 s before the first deposit).
 RETRY_DELAY_BASE_MS = 100
 RETRY_DELAY_MAX_MS = 2_000
+# How long the direct attempts of a transaction may stay without any answer before
+# it is deposited on the relays as well (the attempts go on): bounds the first
+# message to a silent destination to about this plus one deposit, instead of
+# attempts_before_relay x DIRECT_TIMEOUT_MS. A live server answers a transaction
+# well within it (tens of ms), except under heavy load, when the copy on the relays
+# is a harmless duplicate.
+DEPOSIT_AFTER_MS = 1_000
 # How often a down destination is probed directly, and the probe's timeout.
 PROBE_INTERVAL_MS = 10_000
 PROBE_TIMEOUT_MS = 5_000
@@ -99,6 +115,8 @@ TRANSACTION_COUNTERS = {
     "direct_rejected": "Transactions a destination that has relays answered with an"
     " error such as 400 or 403 (never relayed)",
     "fallbacks": "Transactions handed to the relays of their destination",
+    "early_deposits": "Transactions deposited because their direct attempts had no"
+    " answer within DEPOSIT_AFTER_MS (the attempts went on)",
     "fallbacks_failed": "Transactions that no relay accepted (left to Synapse)",
     "probes": "Direct probes of destinations that are down",
     "recoveries": "Destinations that answer directly again after being down",
@@ -400,29 +418,48 @@ class Sender:
         if not relays:
             return await send_as_synapse()
 
+        if self.destinations.is_down(txn.destination):
+            if await self._deposit(txn, relays):
+                return SENT_TO_RELAY
+            raise await self._nobody_took_it(txn, relays, None)
+        decision = await _Race(
+            self._api,
+            self.stats,
+            txn,
+            direct=lambda: self._direct_outcome(txn),
+            deposit=lambda: self._deposit(txn, relays),
+        ).run()
+        if decision.response is not None:
+            return decision.response
+        if decision.error is not None:
+            raise decision.error
+        raise await self._nobody_took_it(txn, relays, decision.direct_failure)
+
+    async def _nobody_took_it(
+        self,
+        txn: OutgoingTransaction,
+        relays: Sequence[str],
+        direct_failure: Unreachable | None,
+    ) -> Exception:
+        """What to raise to Synapse when neither the destination nor a relay took
+        the transaction; the queue is woken again when a relay may be retried."""
         destination = txn.destination
-        direct_failure: Unreachable | None = None
-        if not self.destinations.is_down(destination):
-            try:
-                return await self._send_directly(txn)
-            except Unreachable as e:
-                direct_failure = e
-            except BackedOff:
-                pass
-
-        if await self._deposit(txn, relays):
-            # What TransactionManager takes as "the destination accepted it all".
-            return {"pdus": {}}
-
         self.stats.inc("fallbacks_failed")
         self._schedule_wake(destination, relays)
         if direct_failure is not None:
-            raise direct_failure.original
-        raise await self._federation.failure_for_synapse(
+            return direct_failure.original
+        return await self._federation.failure_for_synapse(
             destination,
             f"{destination} is down and none of its relays accepted transaction"
             f" {txn.transaction_id}",
         )
+
+    async def _direct_outcome(self, txn: OutgoingTransaction) -> JsonDict | Exception:
+        """`_send_directly`'s answer, or what it raised."""
+        try:
+            return await self._send_directly(txn)
+        except Exception as e:
+            return e
 
     async def _send_directly(self, txn: OutgoingTransaction) -> JsonDict:
         """Up to `attempts_before_relay` direct attempts.
@@ -452,8 +489,8 @@ class Sender:
                 raise e.original from None
             except BackedOff:
                 logger.info(
-                    "Synapse is backing off from destination %s: depositing"
-                    " transaction %s on its relays",
+                    "Synapse is backing off from destination %s: transaction %s"
+                    " goes to its relays",
                     destination,
                     txn.transaction_id,
                 )
@@ -479,8 +516,8 @@ class Sender:
                 return response
         assert failure is not None
         logger.info(
-            "Destination %s is down after %d attempts: depositing transaction %s"
-            " on its relays",
+            "Destination %s is down after %d failed attempts of transaction %s:"
+            " its transactions go to its relays",
             destination,
             attempts,
             txn.transaction_id,
@@ -712,6 +749,116 @@ class Sender:
     def _wake(self, destination: str) -> None:
         self.destinations.get(destination).wake_scheduled = False
         self._federation.wake_destination(destination)
+
+
+# What TransactionManager takes as "the destination accepted it all".
+SENT_TO_RELAY: JsonDict = {"pdus": {}}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Decision:
+    """How a transaction ended for Synapse: sent (`response`), an exception of
+    Synapse's to raise again (`error`), or taken by nobody (neither)."""
+
+    response: JsonDict | None = None
+    error: Exception | None = None
+    direct_failure: Unreachable | None = None
+
+
+class _Race:
+    """One transaction to a destination not known to be down: its direct attempts
+    and, when they failed or had no answer for `DEPOSIT_AFTER_MS`, its deposits,
+    in parallel. The first to take it decides; the other goes on in the
+    background (its outcome still updates what we know of the destination and
+    the relays). Duplicates are harmless: same transaction id, same events.
+
+    Each event (`_direct_ended`, `_deadline`, `_deposit_ended`) runs in its own
+    background process; the decision is fired in the sentinel logcontext.
+    """
+
+    def __init__(
+        self,
+        api: ModuleApi,
+        stats: RoleStats,
+        txn: OutgoingTransaction,
+        *,
+        direct: Callable[[], Awaitable[JsonDict | Exception]],
+        deposit: Callable[[], Awaitable[bool]],
+    ) -> None:
+        self._api = api
+        self._stats = stats
+        self._txn = txn
+        self._direct_attempts = direct
+        self._deposit = deposit
+        self._decided: defer.Deferred[_Decision] = defer.Deferred()
+        # the direct attempts' outcome: an answer, an exception, or None (pending)
+        self._direct: JsonDict | Exception | None = None
+        # deposits: not started (None), under way, or ended (whether one accepted)
+        self._depositing = False
+        self._deposited: bool | None = None
+        self._timer: IDelayedCall | None = None
+
+    async def run(self) -> _Decision:
+        self._api.run_as_background_process(
+            "synapse_relay_direct", self._direct_attempts
+        ).addBoth(self._direct_ended)
+        if not self._decided.called and not self._depositing:
+            self._timer = self._api.delayed_background_call(
+                DEPOSIT_AFTER_MS, self._deadline, desc="synapse_relay_deposit_after"
+            )
+        return await make_deferred_yieldable(self._decided)
+
+    def _decide(self, decision: _Decision) -> None:
+        if self._decided.called:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        fire_in_sentinel_context([self._decided], decision)
+
+    def _direct_ended(self, outcome: JsonDict | Exception | None) -> None:
+        if outcome is None:  # cannot happen: _direct_outcome never raises
+            outcome = RuntimeError("the direct attempts ended without an outcome")
+        self._direct = outcome
+        if isinstance(outcome, dict):
+            self._decide(_Decision(response=outcome))
+        elif not isinstance(outcome, (Unreachable, BackedOff)):
+            # the destination spoke (400, 403...), or a whitelist denial
+            self._decide(_Decision(error=outcome))
+        elif not self._depositing:
+            self._start_deposits()
+        elif self._deposited is False:
+            self._decide(_Decision(direct_failure=self._direct_failure()))
+
+    def _deadline(self) -> None:
+        self._timer = None
+        if self._decided.called or self._depositing:
+            return
+        self._stats.inc("early_deposits")
+        logger.info(
+            "No answer from %s to transaction %s within %d ms: depositing it on"
+            " its relays while the direct attempts go on",
+            self._txn.destination,
+            self._txn.transaction_id,
+            DEPOSIT_AFTER_MS,
+        )
+        self._start_deposits()
+
+    def _start_deposits(self) -> None:
+        self._depositing = True
+        self._api.run_as_background_process(
+            "synapse_relay_deposits", self._deposit
+        ).addBoth(self._deposit_ended)
+
+    def _deposit_ended(self, accepted: bool | None) -> None:
+        self._deposited = bool(accepted)
+        if accepted:
+            self._decide(_Decision(response=SENT_TO_RELAY))
+        elif self._direct is not None:
+            # the direct attempts failed too
+            self._decide(_Decision(direct_failure=self._direct_failure()))
+
+    def _direct_failure(self) -> Unreachable | None:
+        return self._direct if isinstance(self._direct, Unreachable) else None
 
 
 def start_send_role(

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import pytest
 
+from synapse_relay.loopback import SilentListener
 from synapse_relay.sender import PROBE_INTERVAL_MS
 from tests.harness.homeserver import Homeserver, HomeserverFactory, wait_until
 
@@ -480,6 +481,26 @@ def test_probe_resumes_direct_delivery(net: Net) -> None:
     wait_until(lambda: net.nothing_unsent(net.b), 10, message="all sent")
     assert net.status()["fallbacks"] == fallbacks
     assert net.queued(net.r, net.b) == on_r
+
+
+def test_silent_destination_is_relayed_within_2s(net: Net) -> None:
+    """b accepts connections but never answers (a sleeping phone): its first
+    message is on the relay within 2 s, not after 3 direct attempts x 10 s."""
+    net.b_up_and_known()
+    net.b.stop()
+    with SilentListener(net.b.port) as silent:
+        before = net.status()
+        latency = net.send_and_time_deposit("b went silent", net.r)
+        assert latency < DEPOSIT_WITHIN_S, latency
+        assert silent.connections >= 1  # a tried it directly
+        status = net.status()
+        assert status["early_deposits"] == before["early_deposits"] + 1
+        # a silent attempt alone does not make b down: it goes on meanwhile
+        assert net.state_of(net.b) == "up"
+        assert status["direct_failures"] == before["direct_failures"]
+    # b's port closes: the direct attempts going on fail, and b is down
+    wait_until(lambda: net.state_of(net.b) == "down", 20, message="b down")
+    assert net.nothing_unsent(net.b)
 
 
 def assert_throughout(seconds: float, check: Callable[[], None]) -> None:

@@ -9,6 +9,7 @@ import pytest
 from synapse.module_api.errors import SynapseError
 from synapse.util.retryutils import NotRetryingDestination
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from synapse_relay import sender as s
 from synapse_relay._synapse import outbound
@@ -59,8 +60,10 @@ class FakeApi:
 
     def delayed_background_call(
         self, msec: float, f: Callable[..., Any], *args: Any, desc: str = ""
-    ) -> None:
-        self.delayed.append((msec, f, args))
+    ) -> "FakeDelayedCall":
+        call = (msec, f, args)
+        self.delayed.append(call)
+        return FakeDelayedCall(self, call)
 
     def run_as_background_process(
         self, desc: str, f: Callable[..., Any], *args: Any
@@ -83,10 +86,22 @@ class FakeApi:
                 run(result)
 
 
+class FakeDelayedCall:
+    def __init__(self, api: FakeApi, call: tuple) -> None:
+        self._api, self._call = api, call
+
+    def active(self) -> bool:
+        return any(c is self._call for c in self._api.delayed)
+
+    def cancel(self) -> None:
+        self._api.delayed = [c for c in self._api.delayed if c is not self._call]
+
+
 class FakeFederation:
     def __init__(self) -> None:
         # what each direct attempt does, in order: an exception, or a response
-        self.direct: list[Exception | dict] = []
+        # (a Deferred: the attempt waits for it, then does what it fires with)
+        self.direct: list[Any] = []
         self.direct_calls: list[tuple[str, bool]] = []
         # relay -> an exception, None (accepted), or a Deferred to wait for
         self.relays: dict[str, Any] = {}
@@ -103,6 +118,8 @@ class FakeFederation:
         assert timeout_ms == s.DIRECT_TIMEOUT_MS
         self.direct_calls.append((txn.transaction_id, ignore_backoff))
         outcome = self.direct.pop(0)
+        if isinstance(outcome, defer.Deferred):
+            outcome = await outcome
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -487,6 +504,137 @@ def test_relay_failure_not_from_federation_is_counted() -> None:
     with pytest.raises(RuntimeError):
         net.send()
     assert net.stats()["relays"][R1]["deposits_failed"] == 1
+
+
+# --- silent destinations: deposits once the direct attempts had no answer in time ---
+
+
+def send_async(net: Net) -> "defer.Deferred[Any]":
+    """Start sending a transaction whose direct attempts may wait."""
+
+    async def stock() -> dict:
+        raise AssertionError("not for Synapse")
+
+    return defer.ensureDeferred(net.sender.send(net.txn(), stock))
+
+
+def deadline_passes(net: Net) -> None:
+    """Time passes until the direct attempts have been silent for DEPOSIT_AFTER_MS."""
+    due = [c for c in net.api.delayed if c[0] == s.DEPOSIT_AFTER_MS]
+    assert len(due) == 1, net.api.delayed
+    net.api.delayed.remove(due[0])
+    net.api.now += s.DEPOSIT_AFTER_MS
+    msec, f, args = due[0]
+    f(*args)
+
+
+def result_of(d: "defer.Deferred[Any]") -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "still waiting"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_a_silent_destination_gets_it_deposited_after_the_deadline() -> None:
+    net = Net()
+    silent: list[defer.Deferred[Any]] = [defer.Deferred() for _ in range(3)]
+    net.federation.direct = list(silent)
+    sent = send_async(net)
+    assert not sent.called and net.federation.deposits == []
+    deadline_passes(net)
+    # deposited on both relays; Synapse is told it was sent
+    assert result_of(sent) == {"pdus": {}}
+    assert [relay for relay, _, _ in net.federation.deposits] == [R1, R2]
+    stats = net.stats()
+    assert stats["early_deposits"] == 1 and stats["fallbacks"] == 1
+    # a silent first attempt does not make the destination down...
+    assert net.state().reach is s.Reach.UNKNOWN
+    assert net.federation.direct_calls == [("1", False)]
+    # ...the attempts go on in the background, and their failures do
+    silent[0].callback(unreachable())
+    silent[1].callback(unreachable())
+    silent[2].callback(unreachable())
+    assert len(net.federation.direct_calls) == 3
+    assert net.state().reach is s.Reach.DOWN
+    assert net.stats()["direct_failures"] == 3
+    assert len(net.federation.deposits) == 2  # not deposited again
+
+
+def test_a_slow_but_alive_destination_gets_it_directly_only() -> None:
+    net = Net()
+    slow: defer.Deferred[Any] = defer.Deferred()
+    net.federation.direct = [slow]
+    sent = send_async(net)
+    assert not sent.called
+    net.api.now += s.DEPOSIT_AFTER_MS - 1
+    slow.callback({"pdus": {"$e": {}}})
+    assert result_of(sent) == {"pdus": {"$e": {}}}
+    assert net.federation.deposits == []
+    assert net.api.delayed == []  # the deadline was cancelled
+    assert net.state().reach is s.Reach.UP
+    assert net.stats()["early_deposits"] == 0
+
+
+def test_an_answer_after_the_deadline_while_relays_are_slow_decides() -> None:
+    net = Net()
+    slow_direct: defer.Deferred[Any] = defer.Deferred()
+    slow_relay: defer.Deferred[Any] = defer.Deferred()
+    net.federation.direct = [slow_direct]
+    net.federation.relays = {R1: slow_relay, R2: slow_relay}
+    sent = send_async(net)
+    deadline_passes(net)
+    assert not sent.called and len(net.federation.deposits) == 2
+    slow_direct.callback({"pdus": {"$e": {}}})
+    assert result_of(sent) == {"pdus": {"$e": {}}}
+    assert net.state().reach is s.Reach.UP
+    slow_relay.callback(None)  # the deposits end later: a harmless duplicate
+    assert net.stats()["deposits_accepted"] == 2
+
+
+def test_a_rejection_after_the_deadline_goes_back_to_synapse() -> None:
+    net = Net()
+    slow_direct: defer.Deferred[Any] = defer.Deferred()
+    slow_relay: defer.Deferred[Any] = defer.Deferred()
+    net.federation.direct = [slow_direct]
+    net.federation.relays = {R1: slow_relay, R2: slow_relay}
+    sent = send_async(net)
+    deadline_passes(net)
+    error = rejected(403)
+    slow_direct.callback(error)
+    with pytest.raises(RuntimeError) as e:
+        result_of(sent)
+    assert e.value is error.original
+    assert net.state().rejected
+
+
+def test_relays_refusing_after_the_deadline_leave_it_to_the_direct_attempts() -> None:
+    net = Net()
+    silent: list[defer.Deferred[Any]] = [defer.Deferred() for _ in range(3)]
+    net.federation.direct = list(silent)
+    net.federation.relays = {R1: unreachable(), R2: unreachable(507)}
+    sent = send_async(net)
+    deadline_passes(net)
+    assert not sent.called  # no relay took it: the direct attempts may still
+    for d in silent[:2]:
+        d.callback(unreachable())
+    assert not sent.called
+    last = unreachable()
+    silent[2].callback(last)
+    with pytest.raises(RuntimeError) as e:
+        result_of(sent)
+    assert e.value is last.original
+    assert net.stats()["fallbacks_failed"] == 1
+    assert net.state().reach is s.Reach.DOWN
+
+
+def test_a_destination_refusing_connections_is_relayed_before_the_deadline() -> None:
+    net = Net()
+    net.federation.direct = [unreachable()] * 3
+    assert net.send() == {"pdus": {}}
+    assert net.stats()["early_deposits"] == 0
+    assert all(msec != s.DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
 
 
 # --- recovery -----------------------------------------------------------------------
