@@ -52,12 +52,11 @@ plain code with the clock passed in, unit-tested in tests/unit/test_sender.py.
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import attr
 from synapse.module_api import JsonDict, ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 
 from synapse_relay._synapse import fire_in_sentinel_context
 from synapse_relay._synapse.outbound import (
@@ -765,6 +764,15 @@ class _Decision:
     direct_failure: Unreachable | None = None
 
 
+class _Timer(Protocol):
+    """The IDelayedCall that `delayed_background_call` returns (a zope interface,
+    which mypy cannot check without a plugin)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
 class _Race:
     """One transaction to a destination not known to be down: its direct attempts
     and, when they failed or had no answer for `DEPOSIT_AFTER_MS`, its deposits,
@@ -796,15 +804,18 @@ class _Race:
         # deposits: not started (None), under way, or ended (whether one accepted)
         self._depositing = False
         self._deposited: bool | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: _Timer | None = None
 
     async def run(self) -> _Decision:
         self._api.run_as_background_process(
             "synapse_relay_direct", self._direct_attempts
         ).addBoth(self._direct_ended)
         if not self._decided.called and not self._depositing:
-            self._timer = self._api.delayed_background_call(
-                DEPOSIT_AFTER_MS, self._deadline, desc="synapse_relay_deposit_after"
+            self._timer = cast(
+                _Timer,
+                self._api.delayed_background_call(
+                    DEPOSIT_AFTER_MS, self._deadline, desc="synapse_relay_deposit_after"
+                ),
             )
         return await make_deferred_yieldable(self._decided)
 

@@ -122,6 +122,7 @@ class FakeFederation:
             outcome = await outcome
         if isinstance(outcome, Exception):
             raise outcome
+        assert isinstance(outcome, dict)
         return outcome
 
     async def deposit(self, relay: str, path: str, body: dict, *, timeout_ms: int):
