@@ -19,8 +19,6 @@ Synapse), every 2 ms.
 
 import functools
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,49 +34,12 @@ from bench.common import (
     wait_for,
 )
 from synapse_relay.demo import Scenario, User
+from synapse_relay.loopback import SilentListener
 
-# How long one message may take to show up (the first message of case (b) waits
-# for A's direct attempts to time out: 3 x 10 s with the default configuration).
+# How long one message may take to show up (the first message of case (b) took
+# A's direct attempts' timeouts, 3 x 10 s, before deposits went on after 1 s).
 MESSAGE_TIMEOUT = 180
 WARMUP_MESSAGES = 3
-
-
-class SilentListener:
-    """Accepts TCP connections on 127.0.0.1:`port` and never sends a byte."""
-
-    def __init__(self, port: int) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", port))
-        self._socket.listen(128)
-        self._socket.settimeout(0.1)
-        self._connections: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._accept, name=f"silent-{port}", daemon=True
-        )
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._connections.append(connection)
-
-    @property
-    def accepted(self) -> int:
-        return len(self._connections)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._socket.close()
-        for connection in self._connections:
-            connection.close()
 
 
 class Messages:
@@ -177,12 +138,13 @@ def run(ctx: Context) -> dict[str, Any]:
 
             ctx.log(f"figure 1 (b): {count} messages while B never answers")
             listener = SilentListener(scenario.b.port)
+            listener.start()
             _reset_b_on_a(scenario, admin)
             silent = messages.time(count, "silent", on_r)
             results["silent"] = summary(silent)
-            if listener.accepted == 0:
+            if listener.connections == 0:
                 raise BenchError("A never connected to the silent listener")
-            results["silent_connections"] = listener.accepted
+            results["silent_connections"] = listener.connections
         results["latencies"] = {
             "direct": baseline,
             "refused": refused,
@@ -195,5 +157,5 @@ def run(ctx: Context) -> dict[str, Any]:
         if admin is not None:
             admin.close()
         if listener is not None:
-            listener.close()
+            listener.stop()
         scenario.stop_all()

@@ -62,6 +62,20 @@ def _fallback_rows(result: dict[str, Any]) -> list[Row]:
                 f"max {_ms(stats['max'])}",
             )
         )
+    silent, refused = result["latencies"]["silent"], result["latencies"]["refused"]
+    rows.append(
+        Row(
+            "1c",
+            "First message of an outage, A -> deposit on R, B accepts TCP and never"
+            " answers",
+            _ms(silent[0]),
+            f"first message while B refuses connections: {_ms(refused[0])}",
+            silent[0] / refused[0],
+            "< 2 s",
+            silent[0] >= 2,
+            f"{_ms(silent[0])}",
+        )
+    )
     return rows
 
 

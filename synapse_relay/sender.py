@@ -23,7 +23,9 @@ How a transaction to a destination with relays goes (`Sender.send`):
    first of the two to take it decides what Synapse is told. A slow but alive
    destination still gets it directly, and the copy on the relays is a harmless
    duplicate (events are deduplicated by id, proven transactions by the origin's
-   transaction id). Only failed attempts make the destination down.
+   transaction id). While those attempts go on without an answer, later
+   transactions are deposited at once (and tried directly all the same). Only
+   failed attempts make the destination down.
 2. Destination down: straight to the relays, in parallel; the transaction counts as
    sent when the first relay answers 200, and the other deposits finish in the
    background. So a message sent while its destination is down is on a relay one
@@ -154,6 +156,10 @@ class DestinationState:
     rejected: bool = False
     probe_scheduled: bool = False
     wake_scheduled: bool = False
+    # the direct attempts of a transaction have had no answer for longer than
+    # DEPOSIT_AFTER_MS, and have not ended yet: later transactions are deposited
+    # at once (and tried directly all the same)
+    silent: bool = False
     direct_failures: int = 0
     fallbacks: int = 0
 
@@ -425,6 +431,7 @@ class Sender:
             self._api,
             self.stats,
             txn,
+            self.destinations.get(txn.destination),
             direct=lambda: self._direct_outcome(txn),
             deposit=lambda: self._deposit(txn, relays),
         ).run()
@@ -789,6 +796,7 @@ class _Race:
         api: ModuleApi,
         stats: RoleStats,
         txn: OutgoingTransaction,
+        state: DestinationState,
         *,
         direct: Callable[[], Awaitable[JsonDict | Exception]],
         deposit: Callable[[], Awaitable[bool]],
@@ -796,6 +804,7 @@ class _Race:
         self._api = api
         self._stats = stats
         self._txn = txn
+        self._state = state
         self._direct_attempts = direct
         self._deposit = deposit
         self._decided: defer.Deferred[_Decision] = defer.Deferred()
@@ -811,12 +820,19 @@ class _Race:
             "synapse_relay_direct", self._direct_attempts
         ).addBoth(self._direct_ended)
         if not self._decided.called and not self._depositing:
-            self._timer = cast(
-                _Timer,
-                self._api.delayed_background_call(
-                    DEPOSIT_AFTER_MS, self._deadline, desc="synapse_relay_deposit_after"
-                ),
-            )
+            if self._state.silent:
+                # An earlier transaction's attempts have had no answer for longer
+                # than the deadline: no need to wait for this one's.
+                self._deposit_early("its earlier transaction got no answer either")
+            else:
+                self._timer = cast(
+                    _Timer,
+                    self._api.delayed_background_call(
+                        DEPOSIT_AFTER_MS,
+                        self._deadline,
+                        desc="synapse_relay_deposit_after",
+                    ),
+                )
         return await make_deferred_yieldable(self._decided)
 
     def _decide(self, decision: _Decision) -> None:
@@ -830,6 +846,7 @@ class _Race:
         if outcome is None:  # cannot happen: _direct_outcome never raises
             outcome = RuntimeError("the direct attempts ended without an outcome")
         self._direct = outcome
+        self._state.silent = False
         if isinstance(outcome, dict):
             self._decide(_Decision(response=outcome))
         elif not isinstance(outcome, (Unreachable, BackedOff)):
@@ -844,13 +861,17 @@ class _Race:
         self._timer = None
         if self._decided.called or self._depositing:
             return
+        self._state.silent = True
+        self._deposit_early(f"no answer within {DEPOSIT_AFTER_MS} ms")
+
+    def _deposit_early(self, why: str) -> None:
         self._stats.inc("early_deposits")
         logger.info(
-            "No answer from %s to transaction %s within %d ms: depositing it on"
-            " its relays while the direct attempts go on",
-            self._txn.destination,
+            "Depositing transaction %s for %s on its relays while the direct"
+            " attempts go on: %s",
             self._txn.transaction_id,
-            DEPOSIT_AFTER_MS,
+            self._txn.destination,
+            why,
         )
         self._start_deposits()
 

@@ -541,7 +541,7 @@ def result_of(d: "defer.Deferred[Any]") -> Any:
 def test_a_silent_destination_gets_it_deposited_after_the_deadline() -> None:
     net = Net()
     silent: list[defer.Deferred[Any]] = [defer.Deferred() for _ in range(3)]
-    net.federation.direct = list(silent)
+    net.federation.direct = [silent[0]]
     sent = send_async(net)
     assert not sent.called and net.federation.deposits == []
     deadline_passes(net)
@@ -553,14 +553,23 @@ def test_a_silent_destination_gets_it_deposited_after_the_deadline() -> None:
     # a silent first attempt does not make the destination down...
     assert net.state().reach is s.Reach.UNKNOWN
     assert net.federation.direct_calls == [("1", False)]
+    # while they go on unanswered, the next transaction is deposited at once and
+    # tried directly all the same
+    net.federation.direct = [defer.Deferred()]
+    assert result_of(send_async(net)) == {"pdus": {}}
+    assert len(net.federation.deposits) == 4
+    assert net.federation.direct_calls == [("1", False), ("2", False)]
+    assert net.stats()["early_deposits"] == 2
+    assert all(msec != s.DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
     # ...the attempts go on in the background, and their failures do
+    net.federation.direct = silent[1:]
     silent[0].callback(unreachable())
     silent[1].callback(unreachable())
     silent[2].callback(unreachable())
-    assert len(net.federation.direct_calls) == 3
-    assert net.state().reach is s.Reach.DOWN
+    assert len(net.federation.direct_calls) == 4
+    assert net.state().reach is s.Reach.DOWN and not net.state().silent
     assert net.stats()["direct_failures"] == 3
-    assert len(net.federation.deposits) == 2  # not deposited again
+    assert len(net.federation.deposits) == 4  # not deposited again
 
 
 def test_a_slow_but_alive_destination_gets_it_directly_only() -> None:
@@ -578,14 +587,23 @@ def test_a_slow_but_alive_destination_gets_it_directly_only() -> None:
     assert net.stats()["early_deposits"] == 0
 
 
-def test_an_answer_after_the_deadline_while_relays_are_slow_decides() -> None:
-    net = Net()
+def slow_past_the_deadline(
+    net: Net,
+) -> tuple["defer.Deferred[Any]", "defer.Deferred[Any]", "defer.Deferred[Any]"]:
+    """A transaction whose direct attempt and deposits are still under way after
+    the deadline: (the sending, the direct attempt, the relays' answer)."""
     slow_direct: defer.Deferred[Any] = defer.Deferred()
     slow_relay: defer.Deferred[Any] = defer.Deferred()
     net.federation.direct = [slow_direct]
     net.federation.relays = {R1: slow_relay, R2: slow_relay}
     sent = send_async(net)
     deadline_passes(net)
+    return sent, slow_direct, slow_relay
+
+
+def test_an_answer_after_the_deadline_while_relays_are_slow_decides() -> None:
+    net = Net()
+    sent, slow_direct, slow_relay = slow_past_the_deadline(net)
     assert not sent.called and len(net.federation.deposits) == 2
     slow_direct.callback({"pdus": {"$e": {}}})
     assert result_of(sent) == {"pdus": {"$e": {}}}
@@ -596,12 +614,7 @@ def test_an_answer_after_the_deadline_while_relays_are_slow_decides() -> None:
 
 def test_a_rejection_after_the_deadline_goes_back_to_synapse() -> None:
     net = Net()
-    slow_direct: defer.Deferred[Any] = defer.Deferred()
-    slow_relay: defer.Deferred[Any] = defer.Deferred()
-    net.federation.direct = [slow_direct]
-    net.federation.relays = {R1: slow_relay, R2: slow_relay}
-    sent = send_async(net)
-    deadline_passes(net)
+    sent, slow_direct, _ = slow_past_the_deadline(net)
     error = rejected(403)
     slow_direct.callback(error)
     with pytest.raises(RuntimeError) as e:
