@@ -17,9 +17,20 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import is_valid_server_name, keyed_lock
+from synapse_relay._synapse import (
+    is_valid_server_name,
+    keyed_lock,
+    verify_signed_by,
+)
 from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import RelayConfig
+from synapse_relay.proof import (
+    TRANSACTION_FIELDS,
+    BadProof,
+    OriginProof,
+    parse_proof,
+    with_signature,
+)
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import NewEntry, Quota, QuotaExceeded, RelayStore
@@ -40,6 +51,10 @@ RELAY_COUNTERS = {
     "deposits_accepted": "Transactions stored for a destination",
     "deposits_duplicate": "Deposits of a transaction already stored (answered 200)",
     "deposits_refused": "Deposits refused: origin or destination not served, quota",
+    "deposits_proven": "Transactions stored with an origin proof",
+    "deposits_unproven": "Transactions stored without an origin proof",
+    "proofs_refused": "Deposits refused for their origin proof: not matching the"
+    " request or the body (400), or not verifying (401)",
     "collects": "relay_txn requests served to the owner of a queue",
     "collects_refused": "relay_txn requests refused: not the owner",
     "acknowledged": "Entries deleted because their owner acknowledged them",
@@ -123,6 +138,53 @@ def build_transaction(
         "pdus": pdus,
         "edus": edus,
     }
+
+
+def proven_transaction(
+    content: JsonDict, *, origin: str, destination: str, txn_id: str, now_ms: int
+) -> tuple[JsonDict, OriginProof]:
+    """T and its origin proof, for a deposit body carrying one; 400 M_INVALID_PARAM
+    when the body is not exactly T's six fields and the proof, or when T does not
+    name the authenticated origin, the mailbox's server and the path's
+    transaction id (DESIGN.md section 2b). The signature is not checked here.
+
+    A Dendrite-shaped body (fields missing, or others beside them) with a proof is
+    refused rather than stored unproven: its sender meant it to be proven, and the
+    proof cannot cover what the relay would store.
+    """
+    fields = set(content) - {ORIGIN_AUTH}
+    if fields != TRANSACTION_FIELDS:
+        missing = ", ".join(sorted(TRANSACTION_FIELDS - fields)) or "none"
+        extra = ", ".join(sorted(f"{f!r:.40}" for f in fields - TRANSACTION_FIELDS))
+        raise SynapseError(
+            400,
+            f"A deposit with {ORIGIN_AUTH} must be exactly the six fields of the"
+            f" transaction and the proof: missing {missing}; unexpected"
+            f" {extra or 'none'}",
+            Codes.INVALID_PARAM,
+        )
+    try:
+        proof = parse_proof(content[ORIGIN_AUTH])
+    except BadProof as e:
+        raise SynapseError(400, str(e), Codes.INVALID_PARAM) from e
+    for field, expected in (
+        ("origin", origin),
+        ("destination", destination),
+        ("transaction_id", txn_id),
+    ):
+        if content[field] != expected:
+            raise SynapseError(
+                400,
+                f"The proven transaction's {field} is {content[field]!r:.80}, not"
+                f" {expected!r}",
+                Codes.INVALID_PARAM,
+            )
+    transaction = build_transaction(
+        content, origin=origin, destination=destination, txn_id=txn_id, now_ms=now_ms
+    )
+    if transaction["edus"] != content["edus"]:  # only when edus was null
+        raise SynapseError(400, "edus must be a list", Codes.BAD_JSON)
+    return transaction, proof
 
 
 def _object_list(
@@ -260,13 +322,19 @@ class SendRelayEndpoint:
         if not relay.config.holds_mail_for(destination):
             self._refuse(f"This relay does not hold mail for {destination}")
         now_ms = relay.api.get_current_time_msec()
-        transaction = build_transaction(
-            content,
-            origin=origin,
-            destination=destination,
-            txn_id=txn_id,
-            now_ms=now_ms,
-        )
+        proof = None
+        if content is not None and ORIGIN_AUTH in content:
+            transaction, proof = await self._check_proof(
+                content, origin=origin, destination=destination, txn_id=txn_id
+            )
+        else:
+            transaction = build_transaction(
+                content,
+                origin=origin,
+                destination=destination,
+                txn_id=txn_id,
+                now_ms=now_ms,
+            )
         # Cannot fail: authentication already encoded the body canonically.
         txn_json = encode_canonical_json(transaction).decode("utf-8")
         try:
@@ -278,6 +346,9 @@ class SendRelayEndpoint:
                         destination=destination,
                         txn_json=txn_json,
                         received_ms=now_ms,
+                        origin_auth=None
+                        if proof is None
+                        else json.dumps(proof.to_json()),
                     ),
                     relay.quota,
                 )
@@ -298,16 +369,64 @@ class SendRelayEndpoint:
             )
         else:
             relay.stats.inc("deposits_accepted")
+            relay.stats.inc("deposits_unproven" if proof is None else "deposits_proven")
             logger.info(
-                "Stored transaction %s from %s for %s as entry %d (%d PDUs, %d EDUs)",
+                "Stored transaction %s from %s for %s as entry %d (%d PDUs, %d EDUs,"
+                " %s)",
                 txn_id,
                 origin,
                 destination,
                 deposit.entry_id,
                 len(transaction["pdus"]),
                 len(transaction["edus"]),
+                "unproven" if proof is None else "proven",
             )
         return 200, {}
+
+    async def _check_proof(
+        self, content: JsonDict, *, origin: str, destination: str, txn_id: str
+    ) -> tuple[JsonDict, OriginProof]:
+        """T and its proof, checked; 400 or 401 (counted) when they do not hold.
+
+        The signature must verify with a key of the origin valid now: the origin
+        just authenticated this request over X-Matrix, so its current key is in
+        Synapse's keyring already.
+        """
+        relay = self._relay
+        now_ms = relay.api.get_current_time_msec()
+        try:
+            transaction, proof = proven_transaction(
+                content,
+                origin=origin,
+                destination=destination,
+                txn_id=txn_id,
+                now_ms=now_ms,
+            )
+        except SynapseError as e:
+            relay.stats.inc("proofs_refused")
+            logger.warning(
+                "Refused deposit %s from %s: bad origin proof: %s", txn_id, origin, e
+            )
+            raise
+        try:
+            await verify_signed_by(
+                relay.api, origin, with_signature(transaction, proof), now_ms
+            )
+        except Exception as e:
+            relay.stats.inc("proofs_refused")
+            logger.warning(
+                "Refused deposit %s from %s: its origin proof (%s) does not verify: %s",
+                txn_id,
+                origin,
+                proof.key,
+                e,
+            )
+            raise SynapseError(
+                401,
+                f"The origin proof does not verify with a current key of {origin}",
+                Codes.UNAUTHORIZED,
+            ) from e
+        return transaction, proof
 
     def _refuse(self, message: str) -> None:
         self._relay.stats.inc("deposits_refused")

@@ -29,7 +29,12 @@ How a transaction to a destination with relays goes (`Sender.send`):
 2. Destination down: straight to the relays, in parallel; the transaction counts as
    sent when the first relay answers 200, and the other deposits finish in the
    background. So a message sent while its destination is down is on a relay one
-   round trip after Synapse sends it.
+   round trip after Synapse sends it. Every deposit is the six-field transaction T
+   with our origin proof (DESIGN.md 2b, `proof.py`), signed once per transaction:
+   relays that keep it let every EDU cross; a relay that does not (Dendrite)
+   ignores the unknown field. A relay refusing a proven deposit is treated as any
+   refusal (no unproven retry: a relay of this module refuses only a proof that
+   does not match or verify, which another attempt would not change).
 3. No relay accepted it: Synapse's normal handling goes on (the events stay queued,
    and Synapse's backoff and catch-up apply as without this module); the
    destination's queue is woken again when the first relay is due for a retry.
@@ -75,7 +80,8 @@ from synapse_relay._synapse.outbound import (
     sends_federation,
 )
 from synapse_relay.config import SendConfig
-from synapse_relay.protocol import send_relay_path
+from synapse_relay.proof import OriginProof, signed_request, transaction_of
+from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import RelayStore
 
@@ -356,6 +362,8 @@ class Federation(Protocol):
         self, txn: OutgoingTransaction, *, timeout_ms: int, ignore_backoff: bool
     ) -> JsonDict: ...
 
+    def sign(self, request: JsonDict) -> tuple[str, str]: ...
+
     async def deposit(
         self, relay: str, path: str, body: JsonDict, *, timeout_ms: int
     ) -> None: ...
@@ -573,8 +581,10 @@ class Sender:
             )
             return False
 
-        body = dict(txn.body())
-        body["destination"] = destination
+        # T and its origin proof, signed once for every relay (DESIGN.md 2b).
+        transaction = transaction_of(txn.body(), destination, txn.transaction_id)
+        key, sig = self._federation.sign(signed_request(transaction))
+        body = {**transaction, ORIGIN_AUTH: OriginProof(key, sig).to_json()}
         path = send_relay_path(txn.transaction_id, destination)
         outcome: defer.Deferred[bool] = defer.Deferred()
         remaining = len(usable)

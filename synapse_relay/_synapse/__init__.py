@@ -21,7 +21,7 @@ import attr
 # logging/context.py: Deferreds awaited through make_deferred_yieldable must be fired
 # from the sentinel logcontext (see fire_in_sentinel_context).
 from synapse.logging.context import PreserveLoggingContext
-from synapse.module_api import ModuleApi
+from synapse.module_api import JsonDict, ModuleApi
 
 # synapse/storage/engines: the engine class tells SQLite and PostgreSQL apart.
 from synapse.storage.engines import PostgresEngine
@@ -64,6 +64,22 @@ class HeldKey:
     # unpadded base64 of the public key
     key: str
     valid_until_ts: int
+
+
+async def verify_signed_by(
+    api: ModuleApi, server_name: str, signed: JsonDict, valid_at_ms: int
+) -> None:
+    """Raise unless `signed` carries a valid signature of `server_name` made with a
+    key of that server valid at `valid_at_ms` (never 0: that accepts any key ever
+    seen).
+
+    crypto/keyring.py: `Keyring.verify_json_for_server` uses a key we hold with
+    `valid_until_ts >= valid_at_ms` (any copy, whoever served it), else fetches the
+    server's keys from it or the configured notaries; it raises (a SynapseError, or
+    a fetch error) when no signature verifies.
+    """
+    assert valid_at_ms > 0, "validity 0 accepts any key ever seen"
+    await api._hs.get_keyring().verify_json_for_server(server_name, signed, valid_at_ms)
 
 
 def fire_in_sentinel_context(

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import attr
+from signedjson.sign import sign_json
 from synapse.api.errors import (
     FederationDeniedError,
     HttpResponseException,
@@ -161,6 +162,21 @@ class OutboundFederation:
                 try_trailing_slash_on_400=True,
                 backoff_on_all_error_codes=True,
             )
+
+    def sign(self, request: JsonDict) -> tuple[str, str]:
+        """(key id, signature) of our server signing key over `request`, as
+        Synapse signs an X-Matrix request object.
+
+        http/matrixfederationclient.py: `build_auth_headers` signs
+        `{"method", "uri", "origin", "destination", "content"}` with
+        `signedjson.sign.sign_json(..., hs.hostname, hs.signing_key)`
+        (server.py: the first key of `signing_key_path`); Ed25519 is
+        deterministic, so this is byte for byte the header Synapse would send.
+        """
+        key = self._hs.signing_key
+        signed = sign_json(dict(request), self._hs.hostname, key)
+        key_id = f"{key.alg}:{key.version}"
+        return key_id, signed["signatures"][self._hs.hostname][key_id]
 
     async def deposit(
         self, relay: str, path: str, body: JsonDict, *, timeout_ms: int

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 import requests
+from signedjson.sign import sign_json
 
 from synapse_relay.loopback import Homeserver, wait_until
-from tests.harness.fedclient import FakeServer, quote
+from synapse_relay.protocol import ORIGIN_AUTH
+from tests.harness.fedclient import KEY_ID, FakeServer, quote
 
 pytestmark = pytest.mark.integration
 
@@ -150,6 +152,15 @@ def queues(relays: Relays, relay: Homeserver | None = None) -> dict[str, dict]:
     response = server.client("GET", "/_synapse/relay/v1/queues", token=token)
     assert response.status_code == 200, response.text
     return {q["destination"]: q for q in response.json()["queues"]}
+
+
+def relay_status(net: Relays) -> dict:
+    response = net.main.client(
+        "GET", "/_synapse/relay/v1/status", token=net.admin_token
+    )
+    assert response.status_code == 200
+    relay: dict = response.json()["relay"]
+    return relay
 
 
 _admin_tokens: dict[str, str] = {}
@@ -588,15 +599,7 @@ def test_admin_api_needs_an_admin(net: Relays) -> None:
 
 
 def test_status_counts_the_relay_role(net: Relays) -> None:
-    def status() -> dict:
-        response = net.main.client(
-            "GET", "/_synapse/relay/v1/status", token=net.admin_token
-        )
-        assert response.status_code == 200
-        relay: dict = response.json()["relay"]
-        return relay
-
-    before = status()
+    before = relay_status(net)
     txn_id = new_txn_id()
     assert deposit(net.alice, net.main, net.bob.server_name, txn_id=txn_id).ok
     assert deposit(net.alice, net.main, net.bob.server_name, txn_id=txn_id).ok
@@ -605,10 +608,102 @@ def test_status_counts_the_relay_role(net: Relays) -> None:
         collect(net.eve, net.main, f"@_relay:{net.bob.server_name}").status_code == 403
     )
     collect_all(net.bob, net.main)
-    after = status()
+    after = relay_status(net)
     assert after["deposits_accepted"] - before["deposits_accepted"] == 1
     assert after["deposits_duplicate"] - before["deposits_duplicate"] == 1
     assert after["deposits_refused"] - before["deposits_refused"] == 1
     assert after["collects_refused"] - before["collects_refused"] == 1
     assert after["collects"] - before["collects"] == 2
     assert after["acknowledged"] - before["acknowledged"] == 1
+
+
+# --- origin proof (DESIGN.md 2b) ----------------------------------------------------
+
+
+def proven_body(
+    sender: FakeServer, destination: str, txn_id: str, **changes: Any
+) -> dict:
+    """T for `destination` with `sender`'s origin proof; `changes` alter T after
+    signing (a relay or an attacker tampering)."""
+    t = {
+        "origin": sender.server_name,
+        "origin_server_ts": int(time.time() * 1000),
+        "destination": destination,
+        "transaction_id": txn_id,
+        "pdus": transaction()["pdus"],
+        "edus": [{"edu_type": "m.receipt", "content": {}}],
+    }
+    request = {
+        "method": "PUT",
+        "uri": f"/_matrix/federation/v1/send/{quote(txn_id)}",
+        "origin": sender.server_name,
+        "destination": destination,
+        "content": t,
+    }
+    sig = sign_json(request, sender.server_name, sender.signing_key)
+    proof = {"key": KEY_ID, "sig": sig["signatures"][sender.server_name][KEY_ID]}
+    return {**t, **changes, ORIGIN_AUTH: proof}
+
+
+def test_proven_deposit_is_stored_beside_its_proof(net: Relays) -> None:
+    before = relay_status(net)
+    bob = net.bob.server_name
+    txn_id = new_txn_id()
+    body = proven_body(net.alice, bob, txn_id)
+    assert deposit(net.alice, net.main, bob, body, txn_id=txn_id).ok
+    assert deposit(net.alice, net.main, bob, txn_id=new_txn_id()).ok  # unproven
+    assert queues(net)[bob]["proven"] == 1
+    first = collect(net.bob, net.main, content={"entry_id": 0}).json()
+    proof = body.pop(ORIGIN_AUTH)
+    assert first["transaction"] == body and first[ORIGIN_AUTH] == proof
+    second = collect(net.bob, net.main, content={"entry_id": first["entry_id"]})
+    assert ORIGIN_AUTH not in second.json()
+    collect(net.bob, net.main, content={"entry_id": second.json()["entry_id"]})
+    after = relay_status(net)
+    assert after["deposits_proven"] - before["deposits_proven"] == 1
+    assert after["deposits_unproven"] - before["deposits_unproven"] == 1
+
+
+def test_bad_proofs_are_refused_and_nothing_stored(net: Relays) -> None:
+    bob, eve = net.bob.server_name, net.eve.server_name
+    before = relay_status(net)
+
+    def refused(
+        body: dict, status: int, txn_id: str, mailbox: str = bob, errcode: str = ""
+    ) -> None:
+        response = deposit(net.alice, net.main, mailbox, body, txn_id=txn_id)
+        default = "M_INVALID_PARAM" if status == 400 else "M_UNAUTHORIZED"
+        assert_error(response, status, errcode or default)
+
+    t = new_txn_id()
+    good = proven_body(net.alice, bob, t)
+    # forged: signed by another server's key, or one byte of T altered
+    forged = proven_body(net.carol, bob, t, origin=net.alice.server_name)
+    refused(forged, 401, t)
+    refused({**good, "origin_server_ts": good["origin_server_ts"] + 1}, 401, t)
+    refused({**good, "pdus": []}, 401, t)
+    # truncated or malformed proofs
+    proof = good[ORIGIN_AUTH]
+    refused({**good, ORIGIN_AUTH: {**proof, "sig": proof["sig"][:-4]}}, 401, t)
+    refused({**good, ORIGIN_AUTH: {"key": proof["key"]}}, 400, t)
+    refused({**good, ORIGIN_AUTH: {**proof, "key": "rsa:1"}}, 400, t)
+    refused({**good, ORIGIN_AUTH: "signed"}, 400, t)
+    # not matching the authenticated origin, the mailbox or the transaction id
+    refused(proven_body(net.carol, bob, t), 400, t)
+    refused(good, 400, new_txn_id())
+    # replayed for another destination: as is, or with destination rewritten
+    refused(good, 400, t, mailbox=eve)
+    refused({**good, "destination": eve}, 401, t, mailbox=eve)
+    # a proof on a Dendrite-shaped body: fields missing, or others beside T's
+    dendrite = {k: v for k, v in good.items() if k != "transaction_id"}
+    refused(dendrite, 400, t)
+    refused({**good, "pdu_failures": []}, 400, t)
+    refused({**good, "edus": None}, 400, t, errcode="M_BAD_JSON")
+
+    assert bob not in queues(net) and eve not in queues(net)
+    after = relay_status(net)
+    assert after["proofs_refused"] - before["proofs_refused"] == 14
+    assert after["deposits_accepted"] == before["deposits_accepted"]
+    # the genuine one is still accepted afterwards
+    assert deposit(net.alice, net.main, bob, good, txn_id=t).ok
+    assert len(collect_all(net.bob, net.main)) == 1

@@ -22,7 +22,7 @@ from synapse_relay._synapse.outbound import (
 )
 from synapse_relay.admin import parse_relays
 from synapse_relay.config import SendConfig
-from synapse_relay.protocol import send_relay_path
+from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
 from tests.unit.deferreds import run
 
 US = "a.example"
@@ -106,6 +106,7 @@ class FakeFederation:
         # relay -> an exception, None (accepted), or a Deferred to wait for
         self.relays: dict[str, Any] = {}
         self.deposits: list[tuple[str, str, dict]] = []
+        self.signed: list[dict] = []
         self.probe_result: Exception | None = None
         self.probe_results: list[Exception | None] = []  # before probe_result
         self.probes: list[str] = []
@@ -124,6 +125,10 @@ class FakeFederation:
             raise outcome
         assert isinstance(outcome, dict)
         return outcome
+
+    def sign(self, request: dict) -> tuple[str, str]:
+        self.signed.append(request)
+        return "ed25519:k", "sig"
 
     async def deposit(self, relay: str, path: str, body: dict, *, timeout_ms: int):
         self.deposits.append((relay, path, body))
@@ -363,14 +368,27 @@ def test_down_after_attempts_then_deposit_on_every_relay() -> None:
     # the first attempt respects and feeds Synapse's backoff, the others do not
     assert net.federation.direct_calls == [("1", False), ("1", True), ("1", True)]
     assert net.api.sleeps == [0.1, 0.2]
-    body = {
+    transaction = {
         "origin": US,
         "origin_server_ts": 5,
-        "pdus": [{"n": "1"}],
         "destination": B,
+        "transaction_id": "1",
+        "pdus": [{"n": "1"}],
+        "edus": [],
     }
+    body = {**transaction, ORIGIN_AUTH: {"key": "ed25519:k", "sig": "sig"}}
     path = send_relay_path("1", B)
     assert net.federation.deposits == [(R1, path, body), (R2, path, body)]
+    # signed once for both relays, as a direct PUT /send of T would be
+    assert net.federation.signed == [
+        {
+            "method": "PUT",
+            "uri": "/_matrix/federation/v1/send/1",
+            "origin": US,
+            "destination": B,
+            "content": transaction,
+        }
+    ]
     assert net.state().reach is s.Reach.DOWN
     stats = net.stats()
     assert stats["direct_failures"] == 3
