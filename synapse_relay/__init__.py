@@ -7,6 +7,7 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
+from synapse_relay._synapse import background_tasks_instance
 from synapse_relay.admin import (
     PREFIX,
     AdminResource,
@@ -50,7 +51,7 @@ class RelayModule:
                             "receive": collector.stats if collector else None,
                         }
                     ),
-                    CollectEndpoint(collector),
+                    CollectEndpoint(collector, background_tasks_instance(api)),
                 ],
             ),
         )

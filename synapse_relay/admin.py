@@ -86,8 +86,10 @@ class CollectEndpoint:
 
     PATH = "collect"
 
-    def __init__(self, collector: Collector | None) -> None:
+    def __init__(self, collector: Collector | None, collecting_instance: str) -> None:
         self._collector = collector
+        # the instance that runs background tasks, which alone collects
+        self._collecting_instance = collecting_instance
 
     async def on_POST(self, request: SynapseRequest) -> tuple[int, JsonDict]:
         if self._collector is None:
@@ -99,9 +101,8 @@ class CollectEndpoint:
         if not self._collector.runs_here:
             raise SynapseError(
                 409,
-                "Only the instance that runs background tasks collects (the one"
-                " named by run_background_tasks_on, the main process by default):"
-                " send this request to it",
+                "Only the instance that runs background tasks collects: send this"
+                f" request to {self._collecting_instance!r} (run_background_tasks_on)",
                 Codes.UNKNOWN,
             )
         result = await self._collector.collect()

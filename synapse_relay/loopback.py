@@ -232,7 +232,165 @@ _LOG_FORMAT = (
 )
 
 
-class Homeserver(Service):
+class SynapseProcess(Service):
+    """One Synapse process (the main process or a worker) started from
+    `config_paths`, serving HTTPS on `base_url` (healthy when its `/health`
+    answers 200); its log in `log_path`, its stdout and stderr in `stdout_path`."""
+
+    app = "synapse.app.homeserver"
+
+    def __init__(self, workdir: Path, name: str, base_url: str) -> None:
+        self.workdir = workdir
+        self.base_url = base_url
+        self.log_path = workdir / f"{name}.log"
+        self.stdout_path = workdir / f"{name}-stdout.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def config_paths(self) -> list[Path]:
+        raise NotImplementedError
+
+    def log_config(self) -> dict[str, Any]:
+        """Synapse's logging configuration: INFO and above to `log_path`."""
+        return {
+            "version": 1,
+            "formatters": {"precise": {"format": _LOG_FORMAT}},
+            "filters": {
+                "context": {"()": "synapse.logging.context.LoggingContextFilter"}
+            },
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "formatter": "precise",
+                    "filters": ["context"],
+                    "filename": str(self.log_path),
+                    "encoding": "utf8",
+                }
+            },
+            "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
+            "root": {"level": "INFO", "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.is_running and self._process else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 60) -> None:
+        """Write the configuration, start Synapse and wait until it is healthy."""
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Write the configuration and start the process, without waiting."""
+        if self.is_running:
+            raise HomeserverError(f"{self} is already running")
+        self.write_config()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [_checkout_root(), env.get("PYTHONPATH")])
+        )
+        configs = itertools.chain.from_iterable(
+            ("-c", str(p)) for p in self.config_paths
+        )
+        with self.stdout_path.open("ab") as stdout:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", self.app, *configs],
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Wait until /health answers 200. On failure the process is killed and
+        HomeserverError carries the ends of its logs."""
+        try:
+            wait_until(self._healthy, timeout, message=f"{self} healthy")
+        except (HomeserverError, TimeoutError) as e:
+            self.kill()
+            raise HomeserverError(f"{e}\n{self.failure_report()}") from None
+        except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
+            self.kill()
+            raise
+
+    def _healthy(self) -> bool:
+        assert self._process is not None
+        code = self._process.poll()
+        if code is not None:
+            raise HomeserverError(f"{self} exited with code {code} during start-up")
+        try:
+            response = requests.get(f"{self.base_url}/health", verify=False, timeout=5)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL and reap the process (a crash, for tests)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def restart(self, timeout: float = 60) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def client(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> requests.Response:
+        """A client-API (or admin-API) request; `path` starts with `/_matrix` or
+        `/_synapse`."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.request(
+            method,
+            self.base_url + path,
+            headers=headers,
+            json=json,
+            params=params,
+            verify=False,
+            timeout=HTTP_TIMEOUT,
+        )
+
+    def log_tail(self, n: int = 40) -> str:
+        """The last `n` lines of the log."""
+        return tail(self.log_path, n)
+
+    def failure_report(self, n: int = 40) -> str:
+        return (
+            f"--- last {n} lines of {self.log_path}\n{tail(self.log_path, n)}\n"
+            f"--- last {n} lines of {self.stdout_path}\n{tail(self.stdout_path, n)}"
+        )
+
+
+class Homeserver(SynapseProcess):
     """One Synapse process: server name `localhost:<port>`, a single TLS listener
     on 127.0.0.1:<port> serving the client and federation APIs.
 
@@ -252,23 +410,19 @@ class Homeserver(Service):
         database: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, "homeserver", f"https://127.0.0.1:{port}")
         self.port = port
         self.cert = cert
         self.module_config = module_config
         self.database = database
         self.extra_config = extra_config
         self.server_name = f"localhost:{port}"
-        self.base_url = f"https://127.0.0.1:{port}"
         self.config_path = workdir / "homeserver.yaml"
-        self.log_path = workdir / "homeserver.log"
-        self.stdout_path = workdir / "stdout.log"
         self.registration_shared_secret = secrets.token_hex(16)
         self._secrets = {
             "macaroon_secret_key": secrets.token_hex(16),
             "form_secret": secrets.token_hex(16),
         }
-        self._process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.signing_key_path = workdir / "signing.key"
         with self.signing_key_path.open("w") as f:
@@ -324,145 +478,16 @@ class Homeserver(Service):
         config.update(self.extra_config or {})
         return config
 
-    def log_config(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "formatters": {"precise": {"format": _LOG_FORMAT}},
-            "filters": {
-                "context": {"()": "synapse.logging.context.LoggingContextFilter"}
-            },
-            "handlers": {
-                "file": {
-                    "class": "logging.FileHandler",
-                    "formatter": "precise",
-                    "filters": ["context"],
-                    "filename": str(self.log_path),
-                    "encoding": "utf8",
-                }
-            },
-            "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
-            "root": {"level": "INFO", "handlers": ["file"]},
-            "disable_existing_loggers": False,
-        }
-
     def write_config(self) -> None:
         """Write homeserver.yaml and log.yaml from the current attributes."""
         (self.workdir / "log.yaml").write_text(yaml.safe_dump(self.log_config()))
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
 
-    # -- process -------------------------------------------------------------
-
     @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.is_running and self._process else None
-
-    @property
-    def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self, timeout: float = 60) -> None:
-        """Write the configuration, start Synapse and wait until /health answers
-        200. On failure the process is killed and HomeserverError carries the
-        ends of its logs."""
-        if self.is_running:
-            raise HomeserverError(f"{self} is already running")
-        self.write_config()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [_checkout_root(), env.get("PYTHONPATH")])
-        )
-        with self.stdout_path.open("ab") as stdout:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "synapse.app.homeserver",
-                    "-c",
-                    str(self.config_path),
-                ],
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_until(self._healthy, timeout, message=f"{self} healthy")
-        except (HomeserverError, TimeoutError) as e:
-            self.kill()
-            raise HomeserverError(f"{e}\n{self.failure_report()}") from None
-        except BaseException:  # e.g. KeyboardInterrupt: leave nothing running
-            self.kill()
-            raise
-
-    def _healthy(self) -> bool:
-        assert self._process is not None
-        code = self._process.poll()
-        if code is not None:
-            raise HomeserverError(f"{self} exited with code {code} during start-up")
-        try:
-            response = requests.get(f"{self.base_url}/health", verify=False, timeout=5)
-        except requests.RequestException:
-            return False
-        return response.status_code == 200
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._process = None
-
-    def kill(self) -> None:
-        """SIGKILL and reap the process (a crash, for tests)."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
-
-    def restart(self, timeout: float = 60) -> None:
-        self.stop()
-        self.start(timeout)
-
-    def log_tail(self, n: int = 40) -> str:
-        """The last `n` lines of homeserver.log."""
-        return tail(self.log_path, n)
-
-    def failure_report(self, n: int = 40) -> str:
-        return (
-            f"--- last {n} lines of {self.log_path}\n{tail(self.log_path, n)}\n"
-            f"--- last {n} lines of {self.stdout_path}\n{tail(self.stdout_path, n)}"
-        )
+    def config_paths(self) -> list[Path]:
+        return [self.config_path]
 
     # -- client API ----------------------------------------------------------
-
-    def client(
-        self,
-        method: str,
-        path: str,
-        token: str | None = None,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-    ) -> requests.Response:
-        """A client-API (or admin-API) request; `path` starts with `/_matrix` or
-        `/_synapse`."""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.request(
-            method,
-            self.base_url + path,
-            headers=headers,
-            json=json,
-            params=params,
-            verify=False,
-            timeout=HTTP_TIMEOUT,
-        )
 
     def _checked(self, response: requests.Response, what: str) -> Any:
         if response.status_code != 200:

@@ -9,12 +9,15 @@ import pytest
 
 from synapse_relay.loopback import make_self_signed_cert
 from tests.harness.fedclient import FakeServerFactory
-from tests.harness.homeserver import Homeserver, HomeserverFactory
+from tests.harness.homeserver import Homeserver, HomeserverFactory, RedisServer
 from tests.harness.postgres import Backend, PostgresCluster
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: starts real homeservers")
+    config.addinivalue_line(
+        "markers", "workers: starts a Synapse worker deployment (PostgreSQL, Redis)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -23,19 +26,47 @@ def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
+def require(available: bool, reason: str) -> None:
+    """Skip the test unless `available`; fail instead when CI is set."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so this is an error", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresCluster]:
     """One real PostgreSQL server for the session, started on first use."""
-    if not PostgresCluster.available():
-        reason = (
-            "PostgreSQL binaries not found (pg_config --bindir, "
-            "/usr/lib/postgresql/*/bin): apt-get install postgresql"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so this is an error", pytrace=False)
-        pytest.skip(reason)
+    require(
+        PostgresCluster.available(),
+        "PostgreSQL binaries not found (pg_config --bindir, "
+        "/usr/lib/postgresql/*/bin): apt-get install postgresql",
+    )
     with PostgresCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def postgres_factory(
+    pg_cluster: PostgresCluster,
+    tls_cert: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[HomeserverFactory]:
+    """Homeservers on PostgreSQL only (for tests of what needs it: workers), with
+    Redis for `create_with_workers`; all stopped after the test module."""
+    require(
+        RedisServer.available(),
+        "redis-server not found (Synapse workers need Redis):"
+        " apt-get install redis-server",
+    )
+    factory = HomeserverFactory(
+        tmp_path_factory.mktemp("homeservers-workers"),
+        tls_cert,
+        Backend.postgres(pg_cluster),
+    )
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

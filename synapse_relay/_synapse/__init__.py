@@ -18,6 +18,10 @@ from typing import Any
 
 import attr
 
+# config/_base.py: how Synapse reads its configuration files (see
+# background_tasks_instance).
+from synapse.config._base import read_config_files
+
 # logging/context.py: Deferreds awaited through make_deferred_yieldable must be fired
 # from the sentinel logcontext (see fire_in_sentinel_context).
 from synapse.logging.context import PreserveLoggingContext
@@ -50,6 +54,21 @@ def keyed_lock(api: ModuleApi, name: str) -> Callable[[str], AsyncContextManager
     """
     # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
     return Linearizer(name, api._hs.get_clock()).queue
+
+
+def background_tasks_instance(api: ModuleApi) -> str:
+    """The name of the instance that runs background tasks (`main` for the main
+    process, the default).
+
+    config/workers.py: `WorkerConfig` keeps only whether this process runs them
+    (the module API's `should_run_background_tasks()`), not the option
+    `run_background_tasks_on` itself; config/_base.py: `RootConfig.config_files`
+    are the files this process was started with, which `read_config_files` merges
+    as Synapse did at start-up.
+    """
+    # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
+    config = read_config_files(api._hs.config.config_files)
+    return str(config.get("run_background_tasks_on") or "main")
 
 
 def is_postgres(txn: Any) -> bool:

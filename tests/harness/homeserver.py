@@ -3,7 +3,7 @@ created on a database backend and all stopped together."""
 
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,21 @@ from synapse_relay.loopback import (
     tail,
     wait_until,
 )
+from synapse_relay.loopback_workers import (
+    STANDARD_WORKERS,
+    RedisServer,
+    WorkerHomeserver,
+    WorkerSpec,
+)
 
 __all__ = [
     "DEFAULT_PASSWORD",
     "Homeserver",
     "HomeserverError",
     "HomeserverFactory",
+    "RedisServer",
+    "WorkerHomeserver",
+    "WorkerSpec",
     "free_port",
     "log_problems",
     "tail",
@@ -84,6 +93,34 @@ class HomeserverFactory:
             module_config=module_config,
             database=backend() if backend is not None else None,
             extra_config=extra_config,
+        )
+        self.homeservers.append(homeserver)
+        if start:
+            homeserver.start()
+        return homeserver
+
+    def create_with_workers(
+        self,
+        module_config: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+        *,
+        workers: Sequence[WorkerSpec] = STANDARD_WORKERS,
+        start: bool = True,
+    ) -> WorkerHomeserver:
+        """A new homeserver run as a main process and `workers`, with Redis; the
+        factory's backend must be PostgreSQL."""
+        database = self.backend() if self.backend is not None else None
+        if database is None:
+            raise HomeserverError("workers need a PostgreSQL backend")
+        self.root.mkdir(parents=True, exist_ok=True)
+        homeserver = WorkerHomeserver(
+            workdir=Path(tempfile.mkdtemp(prefix="hs-workers-", dir=self.root)),
+            port=free_port(),
+            cert=self.cert,
+            database=database,
+            module_config=module_config,
+            extra_config=extra_config,
+            workers=workers,
         )
         self.homeservers.append(homeserver)
         if start:

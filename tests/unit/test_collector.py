@@ -646,18 +646,18 @@ def test_admin_collect_endpoint() -> None:
             run(endpoint.on_POST(None))  # type: ignore[arg-type]
         return e.value.code, e.value.msg
 
-    code, message = error_of(CollectEndpoint(None))
+    code, message = error_of(CollectEndpoint(None, "main"))
     assert code == 400 and "receive role is not enabled" in message
 
     relay = FakeRelay(txn(1))
     collector, _, _, _ = make(("r1", relay))
     collector.runs_here = False  # another instance runs background tasks
-    code, message = error_of(CollectEndpoint(collector))
-    assert code == 409 and "run_background_tasks_on" in message
+    code, message = error_of(CollectEndpoint(collector, "background1"))
+    assert code == 409 and "'background1' (run_background_tasks_on)" in message
     assert relay.requests == []
 
     collector.runs_here = True
-    assert run(CollectEndpoint(collector).on_POST(None)) == (  # type: ignore[arg-type]
+    assert run(CollectEndpoint(collector, "main").on_POST(None)) == (  # type: ignore[arg-type]
         200,
         {
             "processed": 1,

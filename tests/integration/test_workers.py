@@ -1,0 +1,266 @@
+"""The three roles on a Synapse worker deployment (issue 13), on PostgreSQL.
+
+One homeserver `w` runs as a main process and four workers, with Redis
+(`synapse_relay.loopback_workers.STANDARD_WORKERS`):
+
+- `federation1`, `federation2`: generic workers serving federation, so the relay
+  role's endpoints (w holds mail for anyone);
+- `sender1`: the federation sender, so the send role (w's relays of a destination
+  are set through the admin API on the main process only);
+- `background1`: runs background tasks, so the receive role (w collects from `p`).
+
+`p` is a plain homeserver, a relay holding mail for anyone; `b` a plain homeserver
+sharing a room with w. Fake federation servers deposit on w's workers and collect
+from them. The deployment is shared by the module's tests (starting workers is
+expensive).
+"""
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from synapse_relay.loopback import Homeserver, SynapseProcess, wait_until
+from synapse_relay.loopback_workers import BACKGROUND_TASKS, FEDERATION_SENDER, Worker
+from synapse_relay.protocol import relay_txn_path, send_relay_path
+from synapse_relay.sender import MAPPING_CACHE_MS
+from tests.harness.fedclient import FakeServer, FakeServerFactory
+from tests.harness.homeserver import HomeserverFactory, WorkerHomeserver
+
+pytestmark = [pytest.mark.integration, pytest.mark.workers]
+
+COMMON_CONFIG = {"presence": {"enabled": False}}
+RELAY = {"enabled": True, "destinations": ["*"]}
+# 16 origins depositing 8 transactions each, one after the other, all at once
+ORIGINS = 16
+DEPOSITS_PER_ORIGIN = 8
+
+
+@dataclass
+class Deployment:
+    w: WorkerHomeserver
+    p: Homeserver
+    b: Homeserver
+    room: str
+    tokens: dict[str, str]
+    # when w's relays of b were set through the admin API on w's main process
+    relays_set_at: float
+
+    def admin(
+        self, process: SynapseProcess, method: str, path: str, body: Any = None
+    ) -> Any:
+        token = self.tokens[self.p.server_name if process is self.p else "admin"]
+        return process.client(method, f"/_synapse/relay/v1/{path}", token, body)
+
+    def queued(self, relay: SynapseProcess, destination: str) -> int:
+        """Transactions `relay` holds for `destination` (admin `queues`)."""
+        response = self.admin(relay, "GET", "queues")
+        assert response.status_code == 200, response.text
+        return sum(
+            q["transactions"]
+            for q in response.json()["queues"]
+            if q["destination"] == destination
+        )
+
+    def send(self, text: str) -> str:
+        """alice@w says `text` in the room; the event id."""
+        response = self.w.client(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{quote(self.room)}/send/m.room.message/"
+            f"{time.time_ns()}",
+            self.tokens["alice"],
+            json={"msgtype": "m.text", "body": text},
+        )
+        assert response.status_code == 200, response.text
+        event_id: str = response.json()["event_id"]
+        return event_id
+
+    def bob_has(self, event_id: str) -> bool:
+        path = f"/_matrix/client/v3/rooms/{quote(self.room)}/event/{quote(event_id)}"
+        return self.b.client("GET", path, self.tokens["bob"]).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def net(postgres_factory: HomeserverFactory) -> Iterator[Deployment]:
+    p = postgres_factory.create({"relay": RELAY}, COMMON_CONFIG, start=False)
+    b = postgres_factory.create({}, COMMON_CONFIG, start=False)
+    w = postgres_factory.create_with_workers(
+        {"relay": RELAY, "receive": {"relays": [p.server_name], "poll_interval": "1h"}},
+        COMMON_CONFIG,
+        start=False,
+    )
+    with ThreadPoolExecutor(3) as pool:
+        for future in [pool.submit(hs.start) for hs in (w, p, b)]:
+            future.result()
+    tokens = {
+        "admin": w.register_user("admin", admin=True),
+        "alice": w.register_user("alice"),
+        "bob": b.register_user("bob"),
+        p.server_name: p.register_user("admin", admin=True),
+    }
+    # The send role's relays of b, set on the main process only: the federation
+    # sender worker must pick them up from the database.
+    response = w.client(
+        "PUT",
+        f"/_synapse/relay/v1/relays/{quote(b.server_name)}",
+        tokens["admin"],
+        {"relays": [p.server_name]},
+    )
+    assert response.status_code == 200, response.text
+    relays_set_at = time.monotonic()
+    response = w.client(
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        tokens["alice"],
+        {"preset": "public_chat"},
+    )
+    assert response.status_code == 200, response.text
+    room = response.json()["room_id"]
+    response = b.client(
+        "POST",
+        f"/_matrix/client/v3/join/{quote(room)}",
+        tokens["bob"],
+        {},
+        params={"server_name": w.server_name},
+    )
+    assert response.status_code == 200, response.text
+    yield Deployment(w, p, b, room, tokens, relays_set_at)
+
+
+def deposit(
+    origin: FakeServer, target: Homeserver | Worker, destination: str, seq: int
+) -> int:
+    """`origin` deposits its transaction number `seq` for `destination` on the
+    process `target`; the HTTP status."""
+    body = {
+        "origin_server_ts": int(time.time() * 1000),
+        "pdus": [],
+        "edus": [{"edu_type": "org.example.seq", "content": {"seq": seq}}],
+    }
+    path = send_relay_path(f"txn-{seq}", destination)
+    return origin.request("PUT", target, path, content=body).status_code
+
+
+def test_relay_on_two_federation_workers(
+    net: Deployment, fake_servers: FakeServerFactory
+) -> None:
+    """Concurrent deposits for one destination on both federation workers: no 5xx,
+    nothing lost, first in first out per origin, the main process's `queues` right."""
+    owner = fake_servers.create()
+    origins = [fake_servers.create() for _ in range(ORIGINS)]
+    readers = [net.w.workers["federation1"], net.w.workers["federation2"]]
+
+    def deposit_all(index: int) -> list[int]:
+        origin = origins[index]
+        return [
+            deposit(origin, readers[(index + seq) % 2], owner.server_name, seq)
+            for seq in range(DEPOSITS_PER_ORIGIN)
+        ]
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(ORIGINS) as pool:
+        codes = [
+            code for codes in pool.map(deposit_all, range(ORIGINS)) for code in codes
+        ]
+    elapsed = time.monotonic() - started
+    server_errors = sum(code >= 500 for code in codes)
+    retried = sum(
+        reader.log_path.read_text(errors="replace").count("could not serialize")
+        for reader in readers
+    )
+    print(
+        f"\n{len(codes)} deposits from {ORIGINS} origins on 2 federation workers in"
+        f" {elapsed:.1f} s: {codes.count(200)} answered 200, {server_errors} 5xx,"
+        f" {retried} PostgreSQL serialization failures retried by Synapse"
+    )
+    assert server_errors == 0, sorted(codes)
+    assert codes == [200] * len(codes)
+
+    total = ORIGINS * DEPOSITS_PER_ORIGIN
+    assert net.queued(net.w, owner.server_name) == total
+
+    # The owner collects, alternating between the two workers.
+    collected: dict[str, list[int]] = {}
+    acknowledge = 0
+    for request in range(total + 1):
+        response = owner.request(
+            "GET",
+            readers[request % 2],
+            relay_txn_path(owner.server_name),
+            content={"entry_id": acknowledge},
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        if not answer["entries_queued"]:
+            break
+        transaction = answer["transaction"]
+        seq = transaction["edus"][0]["content"]["seq"]
+        assert transaction["transaction_id"] == f"txn-{seq}"
+        collected.setdefault(transaction["origin"], []).append(seq)
+        acknowledge = answer["entry_id"]
+    assert collected == {
+        origin.server_name: list(range(DEPOSITS_PER_ORIGIN)) for origin in origins
+    }
+    assert net.queued(net.w, owner.server_name) == 0
+
+
+def test_send_role_on_the_federation_sender_worker(net: Deployment) -> None:
+    """Direct delivery, then the fallback to b's relay once b is down, by the
+    federation sender worker, with relays set through the admin API on main."""
+    sender = net.w.with_duty(FEDERATION_SENDER)
+    hello = net.send("hello, all up")
+    wait_until(lambda: net.bob_has(hello), 30, message="direct delivery to b")
+
+    net.b.stop()
+    # The worker reads relays set on another process within MAPPING_CACHE_MS.
+    wait_until(
+        lambda: time.monotonic() > net.relays_set_at + MAPPING_CACHE_MS / 1000 + 0.5,
+        MAPPING_CACHE_MS / 1000 + 1,
+        message="the relay mapping cache expired",
+    )
+    before = net.queued(net.p, net.b.server_name)
+    started = time.monotonic()
+    net.send("b is down")
+    wait_until(
+        lambda: net.queued(net.p, net.b.server_name) > before,
+        15,
+        interval=0.05,
+        message="the message deposited on p",
+    )
+    print(f"\ndeposited on b's relay {time.monotonic() - started:.2f} s after sending")
+
+    response = net.admin(sender, "GET", "status")
+    assert response.status_code == 200, response.text
+    send = response.json()["send"]
+    assert send["fallbacks"] >= 1
+    assert send["destinations"][net.b.server_name]["state"] == "down"
+    # The main process does not send federation: no send role there.
+    assert net.admin(net.w, "GET", "status").json()["send"] is None
+
+
+def test_collector_on_the_background_tasks_worker(
+    net: Deployment, fake_servers: FakeServerFactory
+) -> None:
+    """Only the background-tasks worker collects; POST collect elsewhere answers
+    409 naming it."""
+    origin = fake_servers.create()
+    for seq in range(3):
+        assert deposit(origin, net.p, net.w.server_name, seq) == 200
+    assert net.queued(net.p, net.w.server_name) == 3
+
+    response = net.admin(net.w, "POST", "collect", {})
+    assert response.status_code == 409, response.text
+    collector = net.w.with_duty(BACKGROUND_TASKS)
+    assert f"'{collector.name}'" in response.json()["error"]
+    assert net.queued(net.p, net.w.server_name) == 3
+
+    response = net.admin(collector, "POST", "collect", {})
+    assert response.status_code == 200, response.text
+    assert response.json()["processed"] == 3
+    assert net.queued(net.p, net.w.server_name) == 0
+    receive = net.admin(collector, "GET", "status").json()["receive"]
+    assert receive["processed"] == 3
