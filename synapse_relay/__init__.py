@@ -18,6 +18,7 @@ from synapse_relay.admin import (
 )
 from synapse_relay.collector import start_receive_role
 from synapse_relay.config import RelayModuleConfig, parse_config
+from synapse_relay.keys import start_key_deposits, start_key_fallback, start_key_mailbox
 from synapse_relay.relay import start_relay_role
 from synapse_relay.sender import start_send_role
 from synapse_relay.store import RelayStore
@@ -36,6 +37,9 @@ class RelayModule:
         relay = start_relay_role(config.relay, store, api)
         sender = start_send_role(config.send, store, api)
         collector = start_receive_role(config.receive, store, api)
+        mailbox = start_key_mailbox(config.relay, store, api)
+        depositor = start_key_deposits(config.receive, api)
+        key_fallback = start_key_fallback(config.send, store, api)
 
         api.register_web_resource(
             PREFIX,
@@ -49,6 +53,9 @@ class RelayModule:
                             "relay": relay.stats if relay else None,
                             "send": sender.stats if sender else None,
                             "receive": collector.stats if collector else None,
+                            "relay_keys": mailbox.stats if mailbox else None,
+                            "receive_keys": depositor.stats if depositor else None,
+                            "send_keys": key_fallback.stats,
                         }
                     ),
                     CollectEndpoint(collector, background_tasks_instance(api)),

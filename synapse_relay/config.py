@@ -47,6 +47,8 @@ class RelayConfig:
     max_transactions_per_destination: int = 100_000
     max_bytes_per_destination: int = 1024 * 1024 * 1024
     retention_ms: int = 30 * _MS_PER_UNIT["d"]
+    # key mailbox (docs/keys.rst): users whose keys a destination may keep here
+    max_key_users_per_destination: int = 10_000
 
     def holds_mail_for(self, destination: str) -> bool:
         return "*" in self.destinations or destination in self.destinations
@@ -70,6 +72,10 @@ class ReceiveConfig:
 
     relays: tuple[str, ...] = ()
     poll_interval_ms: int = 30 * _MS_PER_UNIT["s"]
+    # key mailbox (docs/keys.rst): how often our keys are refreshed on our relays
+    # (0: never), and how many one-time keys each device keeps escrowed per relay
+    key_upload_interval_ms: int = 5 * _MS_PER_UNIT["m"]
+    escrowed_one_time_keys: int = 2
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -113,6 +119,7 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         "max_transactions_per_destination",
         "max_bytes_per_destination",
         "retention",
+        "max_key_users_per_destination",
     )
     config = RelayConfig(
         enabled=section.get(
@@ -128,6 +135,9 @@ def _parse_relay(section: "_Section") -> RelayConfig:
             "max_bytes_per_destination", defaults.max_bytes_per_destination
         ),
         retention_ms=section.duration("retention", defaults.retention_ms),
+        max_key_users_per_destination=section.positive_int(
+            "max_key_users_per_destination", defaults.max_key_users_per_destination
+        ),
     )
     if config.enabled and not config.destinations:
         section.fail(
@@ -163,16 +173,48 @@ def _parse_send(section: "_Section") -> SendConfig:
 
 def _parse_receive(section: "_Section") -> ReceiveConfig:
     defaults = ReceiveConfig()
-    section.only_keys("relays", "poll_interval")
+    section.only_keys(
+        "relays", "poll_interval", "key_upload_interval", "escrowed_one_time_keys"
+    )
     config = ReceiveConfig(
         relays=section.server_names("relays", defaults.relays, False),
         poll_interval_ms=section.duration("poll_interval", defaults.poll_interval_ms),
+        key_upload_interval_ms=section.duration(
+            "key_upload_interval", defaults.key_upload_interval_ms
+        ),
+        escrowed_one_time_keys=section.get(
+            "escrowed_one_time_keys",
+            defaults.escrowed_one_time_keys,
+            _escrow_size,
+            f"must be an integer from 0 to {MAX_ESCROWED_ONE_TIME_KEYS}",
+        ),
     )
+    if 0 < config.key_upload_interval_ms < 1000:
+        section.fail(
+            "key_upload_interval",
+            "must be 0 (never) or at least 1s",
+            section.raw.get("key_upload_interval"),
+        )
     if config.poll_interval_ms < 100:
         section.fail(
             "poll_interval", "must be at least 100ms", section.raw.get("poll_interval")
         )
     return config
+
+
+# The most one-time keys a device may have escrowed on one relay (the relay's
+# quota too): Olm clients drop their oldest private keys beyond their own limit.
+MAX_ESCROWED_ONE_TIME_KEYS = 10
+
+
+def _escrow_size(value: Any) -> int:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= MAX_ESCROWED_ONE_TIME_KEYS
+    ):
+        return value
+    raise ValueError(value)
 
 
 def _boolean(value: Any) -> bool:

@@ -42,3 +42,14 @@ UNSTABLE_NAMESPACE = "synapse_relay"
 # The origin proof of a deposit: on a deposit body, beside a transaction in collect
 # answers, and the column the relay keeps it in (DESIGN.md section 2b).
 ORIGIN_AUTH = f"{UNSTABLE_NAMESPACE}.origin_auth"
+
+# The key mailbox (DESIGN.md section 2b, docs/keys.rst): a server's keys held by
+# its relays, below this prefix followed by the server's name.
+KEYS_PREFIX = f"/_matrix/federation/unstable/{UNSTABLE_NAMESPACE}/keys"
+# Beside the answers of the key mailbox: the owner-signed snapshots they come from.
+KEY_SNAPSHOTS = f"{UNSTABLE_NAMESPACE}.snapshots"
+
+
+def keys_path(server_name: str, tail: str) -> str:
+    """Where the key mailbox of `server_name` serves `tail` (e.g. "/stock")."""
+    return f"{KEYS_PREFIX}/{quote(server_name, safe='')}{tail}"

@@ -37,9 +37,10 @@ Handler = Callable[..., Awaitable[tuple[int, JsonDict]]]
 class FederationEndpoint(Protocol):
     """A federation endpoint of this module, in Synapse's servlet idiom.
 
-    `PATH` is a regular expression below `/_matrix/federation/v1`; the endpoint has
-    `on_GET` and/or `on_PUT(origin, content, query, **path_args)` returning
-    `(code, body)` and raising `SynapseError` for Matrix errors.
+    `PATH` is a regular expression below `/_matrix/federation/v1` (or below the
+    endpoint's `PREFIX`, if it has one); the endpoint has `on_GET`, `on_PUT` and/or
+    `on_POST(origin, content, query, **path_args)` returning `(code, body)` and
+    raising `SynapseError` for Matrix errors.
     """
 
     PATH: str
@@ -49,21 +50,27 @@ class FederationEndpoint(Protocol):
 
 
 def mount_federation_endpoints(endpoints: Sequence[FederationEndpoint]) -> None:
-    """Serve `endpoints` on every federation listener built after this call.
+    """Serve `endpoints` (with those of earlier calls) on every federation
+    listener built after this call.
 
     `ModuleApi.register_web_resource` cannot do it: the federation resource is a leaf
     that answers 400 M_UNRECOGNIZED for any path it does not know. So the endpoints
     become a new servlet group, with Synapse's own X-Matrix authenticator (including
     `federation_domain_whitelist`) and federation ratelimiter.
     """
-    SERVLET_GROUPS[SERVLET_GROUP] = tuple(
-        type(
+    servlets = {
+        (servlet.PREFIX, servlet.PATH): servlet
+        for servlet in SERVLET_GROUPS.get(SERVLET_GROUP, ())
+    }
+    for endpoint in endpoints:
+        prefix = getattr(endpoint, "PREFIX", BaseFederationServlet.PREFIX)
+        servlets[prefix, endpoint.PATH] = type(
             f"{type(endpoint).__name__}Servlet",
             (_EndpointServlet,),
-            {"PATH": endpoint.PATH, "endpoint": endpoint},
+            {"PATH": endpoint.PATH, "PREFIX": prefix, "endpoint": endpoint},
         )
-        for endpoint in endpoints
-    )
+    # A later module instance in the same process (tests) replaces its paths.
+    SERVLET_GROUPS[SERVLET_GROUP] = tuple(servlets.values())
 
 
 class _EndpointServlet(BaseFederationServlet):
@@ -78,7 +85,7 @@ class _EndpointServlet(BaseFederationServlet):
 
     def register(self, server: HttpServer) -> None:
         pattern = re.compile("^" + self.PREFIX + self.PATH + "$")
-        for method in ("GET", "PUT"):
+        for method in ("GET", "PUT", "POST"):
             handler = getattr(self.endpoint, f"on_{method}", None)
             if handler is not None:
                 server.register_paths(
