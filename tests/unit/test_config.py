@@ -148,7 +148,17 @@ def test_bad_durations(bad: object) -> None:
             {"relay": {"enable": True}},
             "modules.synapse_relay.relay.enable: unknown option (expected one of:"
             " enabled, destinations, origins, max_transactions_per_destination,"
-            " max_bytes_per_destination, retention)",
+            " max_bytes_per_destination, retention, max_key_users_per_destination)",
+        ),
+        (
+            {"receive": {"escrowed_one_time_keys": 11}},
+            "modules.synapse_relay.receive.escrowed_one_time_keys: must be an integer"
+            " from 0 to 10, got 11",
+        ),
+        (
+            {"receive": {"key_upload_interval": "10ms"}},
+            "modules.synapse_relay.receive.key_upload_interval: must be 0 (never) or"
+            ' at least 1s, got "10ms"',
         ),
         (
             {"relays": {}},

@@ -162,6 +162,8 @@ def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
 
 def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
     txn.execute("ALTER TABLE synapse_relay_entries DROP COLUMN origin_auth")
+    txn.execute("DROP TABLE synapse_relay_key_snapshots")
+    txn.execute("DROP TABLE synapse_relay_key_stock")
     txn.execute("UPDATE synapse_relay_schema_version SET version = 2")
     txn.execute(
         "INSERT INTO synapse_relay_entries"
