@@ -51,6 +51,9 @@ class RelayModule:
                     StatusEndpoint(
                         {
                             "relay": relay.stats if relay else None,
+                            "push": relay.pusher.stats
+                            if relay and relay.pusher
+                            else None,
                             "send": sender.stats if sender else None,
                             "receive": collector.stats if collector else None,
                             "relay_keys": mailbox.stats if mailbox else None,

@@ -49,6 +49,10 @@ class RelayConfig:
     retention_ms: int = 30 * _MS_PER_UNIT["d"]
     # key mailbox (docs/keys.rst): users whose keys a destination may keep here
     max_key_users_per_destination: int = 10_000
+    # Deliver proven entries to their destination ourselves (push.py).
+    push: bool = True
+    # The cap of the backoff between probes of a destination that does not answer.
+    push_interval_max_ms: int = _MS_PER_UNIT["m"]
 
     def holds_mail_for(self, destination: str) -> bool:
         return "*" in self.destinations or destination in self.destinations
@@ -120,6 +124,8 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         "max_bytes_per_destination",
         "retention",
         "max_key_users_per_destination",
+        "push",
+        "push_interval_max",
     )
     config = RelayConfig(
         enabled=section.get(
@@ -138,6 +144,10 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         max_key_users_per_destination=section.positive_int(
             "max_key_users_per_destination", defaults.max_key_users_per_destination
         ),
+        push=section.get("push", defaults.push, _boolean, "must be true or false"),
+        push_interval_max_ms=section.duration(
+            "push_interval_max", defaults.push_interval_max_ms
+        ),
     )
     if config.enabled and not config.destinations:
         section.fail(
@@ -148,6 +158,12 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         )
     if config.retention_ms < 1000:
         section.fail("retention", "must be at least 1s", section.raw.get("retention"))
+    if config.push_interval_max_ms < 1000:
+        section.fail(
+            "push_interval_max",
+            "must be at least 1s",
+            section.raw.get("push_interval_max"),
+        )
     return config
 
 

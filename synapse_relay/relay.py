@@ -32,6 +32,7 @@ from synapse_relay.proof import (
     with_signature,
 )
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
+from synapse_relay.push import Pusher, start_pusher
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import NewEntry, Quota, QuotaExceeded, RelayStore
 
@@ -256,6 +257,7 @@ def start_relay_role(
         purge_interval_ms(config.retention_ms),
         desc="synapse_relay_purge",
     )
+    relay.pusher = start_pusher(config, store, relay.acknowledge, api)
     logger.info(
         "Relay role enabled: holding mail for %s, deposits from %s",
         ", ".join(config.destinations),
@@ -286,6 +288,14 @@ class Relay:
         # under load. One at a time per destination in this process, they commit
         # one after another.
         self.queue_lock = keyed_lock(api, "synapse_relay_queue")
+        # Delivers proven entries itself, on the process that runs background tasks.
+        self.pusher: Pusher | None = None
+
+    async def acknowledge(self, destination: str, entry_id: int) -> bool:
+        """Delete an entry of `destination` (delivered by push.py) as its owner's
+        acknowledgement does; whether it was still there."""
+        async with self.queue_lock(destination):
+            return await self.store.acknowledge(destination, entry_id)
 
     async def purge_expired(self) -> None:
         before = self.api.get_current_time_msec() - self.config.retention_ms
@@ -381,6 +391,8 @@ class SendRelayEndpoint:
                 len(transaction["edus"]),
                 "unproven" if proof is None else "proven",
             )
+            if proof is not None and relay.pusher is not None:
+                relay.pusher.wake(destination)
         return 200, {}
 
     async def _check_proof(

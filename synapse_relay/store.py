@@ -28,6 +28,9 @@ The key mailbox of the relay role keeps two tables (schema version 4, keys.py):
 - `synapse_relay_key_stock`: the one-time keys escrowed per device, each handed out
   at most once: a claim deletes the row it returns in the same commit.
 
+Schema version 5 adds the partial index `synapse_relay_entries_proven` on the proven
+entries (destination, entry_id), which the relay's pusher reads in entry order.
+
 All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. PostgreSQL runs
 these functions at REPEATABLE READ and retries them on serialization failures, so
 they have no side effects beyond the database.
@@ -47,9 +50,12 @@ from synapse_relay._synapse import fire_in_sentinel_context, is_postgres
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 PURGE_BATCH = 1000
+
+# The SQL condition of a proven entry (the relay's pusher reads only those).
+_PROVEN = "AND origin_auth IS NOT NULL"
 
 
 def _schema_v1(postgres: bool) -> list[str]:
@@ -117,12 +123,21 @@ def _schema_v4(postgres: bool) -> list[str]:
     ]
 
 
+def _schema_v5(postgres: bool) -> list[str]:
+    return [
+        f"""CREATE INDEX synapse_relay_entries_proven
+            ON synapse_relay_entries (destination, entry_id)
+            WHERE {_PROVEN.removeprefix("AND ")}""",
+    ]
+
+
 # version -> the statements that bring the schema from version - 1 to it
 _MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
     1: _schema_v1,
     2: _schema_v2,
     3: _schema_v3,
     4: _schema_v4,
+    5: _schema_v5,
 }
 
 
@@ -268,6 +283,30 @@ class RelayStore:
             _acknowledge_and_get_oldest_txn,
             destination,
             acknowledged_entry_id,
+        )
+
+    async def acknowledge(self, destination: str, entry_id: int) -> bool:
+        """Delete entry `entry_id` if it is `destination`'s, as its owner's
+        acknowledgement does; whether it was there."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_acknowledge", _acknowledge_txn, destination, entry_id
+        )
+
+    async def oldest_proven_entry(self, destination: str) -> Entry | None:
+        """The destination's oldest entry that carries an origin proof."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_oldest_proven",
+            _oldest_entry_txn,
+            destination,
+            _PROVEN,
+        )
+
+    async def destinations_with_proven_entries(self) -> list[str]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_proven_destinations", _destinations_with_proven_entries_txn
         )
 
     async def queues(self) -> list[Queue]:
@@ -465,27 +504,49 @@ def _deposit_txn(txn: Any, entry: NewEntry, quota: Quota) -> Deposit:
 def _acknowledge_and_get_oldest_txn(
     txn: Any, destination: str, acknowledged_entry_id: int
 ) -> Collected:
-    acknowledged = False
-    if acknowledged_entry_id > 0:
-        # Exactly this entry, and only if it is this destination's: never a range,
-        # since entry ids may commit out of order.
-        txn.execute(
-            "DELETE FROM synapse_relay_entries WHERE entry_id = ? AND destination = ?"
-            " RETURNING size",
-            (acknowledged_entry_id, destination),
-        )
-        row = txn.fetchone()
-        if row is not None:
-            acknowledged = True
-            _shrink_queue(txn, destination, 1, row[0])
+    acknowledged = acknowledged_entry_id > 0 and _acknowledge_txn(
+        txn, destination, acknowledged_entry_id
+    )
+    return Collected(
+        acknowledged=acknowledged, entry=_oldest_entry_txn(txn, destination, "")
+    )
+
+
+def _acknowledge_txn(txn: Any, destination: str, entry_id: int) -> bool:
+    """Delete exactly this entry, and only if it is this destination's (never a
+    range, since entry ids may commit out of order); whether it was there."""
+    txn.execute(
+        "DELETE FROM synapse_relay_entries WHERE entry_id = ? AND destination = ?"
+        " RETURNING size",
+        (entry_id, destination),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return False
+    _shrink_queue(txn, destination, 1, row[0])
+    return True
+
+
+def _oldest_entry_txn(txn: Any, destination: str, condition: str) -> Entry | None:
+    """The destination's oldest entry, of those meeting the SQL `condition` (which
+    starts with AND) if one is given."""
     txn.execute(
         "SELECT entry_id, txn_json, origin_auth FROM synapse_relay_entries"
-        " WHERE destination = ? ORDER BY entry_id LIMIT 1",
+        f" WHERE destination = ? {condition} ORDER BY entry_id LIMIT 1",
         (destination,),
     )
     row = txn.fetchone()
-    entry = None if row is None else Entry(*row)
-    return Collected(acknowledged=acknowledged, entry=entry)
+    return None if row is None else Entry(*row)
+
+
+def _destinations_with_proven_entries_txn(txn: Any) -> list[str]:
+    txn.execute(
+        "SELECT q.destination FROM synapse_relay_queues AS q"
+        " WHERE q.transactions > 0 AND EXISTS (SELECT 1 FROM synapse_relay_entries AS e"
+        f"  WHERE e.destination = q.destination {_PROVEN})"
+        " ORDER BY q.destination"
+    )
+    return [destination for (destination,) in txn.fetchall()]
 
 
 def _queues_txn(txn: Any) -> list[Queue]:

@@ -1,5 +1,6 @@
 """Outbound federation, for the send role (sender.py): Synapse's federation sender,
-its federation client and its backoff.
+its federation client and its backoff; and for the relay's pusher (push.py): probes,
+and replays of `PUT /send` requests that the origin signed (`replay_send`).
 
 Synapse 1.163 sends a transaction through this chain:
   PerDestinationQueue._transaction_transmission_loop  (per_destination_queue.py;
@@ -13,8 +14,9 @@ Synapse 1.163 sends a transaction through this chain:
 
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlunparse
 
 import attr
 from signedjson.sign import sign_json
@@ -32,12 +34,27 @@ from synapse.federation.sender import per_destination_queue
 # federation/units.py: the Transaction that TransactionManager builds and hands to
 # TransportLayerClient.send_transaction.
 from synapse.federation.units import Transaction
+
+# http/__init__.py and http/client.py: the body producer and the size-bounded body
+# reader that MatrixFederationHttpClient uses for its own requests.
+from synapse.http import QuieterFileBodyProducer
+from synapse.http.client import read_body_with_max_size
+from synapse.logging.context import make_deferred_yieldable, run_in_background
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.types import StrCollection
 
 # util/retryutils.py: Synapse's per-destination backoff.
 from synapse.util import retryutils
+
+# util/async_helpers.py: the logcontext-safe timeout Synapse puts on its requests.
+from synapse.util.async_helpers import timeout_deferred
 from synapse.util.retryutils import NotRetryingDestination
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+# The most of a /send answer that a replay reads (an answer lists at most 50 PDU
+# results; Synapse reads JSON answers up to 10 MiB, http/matrixfederationclient.py).
+MAX_SEND_ANSWER_BYTES = 1024 * 1024
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -64,6 +81,14 @@ class DeliveryError(Exception):
         super().__init__(str(original))
         self.original = original
         self.code = code
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Answer:
+    """What a server answered to a request: HTTP status and body."""
+
+    code: int
+    body: bytes
 
 
 class Unreachable(DeliveryError):
@@ -211,6 +236,88 @@ class OutboundFederation:
                 timeout=timeout_ms,
                 ignore_backoff=ignore_backoff,
             )
+
+    async def replay_send(
+        self,
+        destination: str,
+        path: str,
+        body: bytes,
+        authorization: str,
+        *,
+        timeout_ms: int,
+    ) -> Answer:
+        """PUT `body` to `path` (a `/send/{txnId}`) on `destination`, once, with
+        an X-Matrix `authorization` header that another server (the transaction's
+        origin) made.
+
+        MatrixFederationHttpClient always signs a request itself
+        (`_send_request` calls `build_auth_headers`), so this sends the request
+        the way `_send_request` does but with the given header: through the
+        client's `agent` (synapse/http/matrixfederationclient.py, `self.agent`:
+        MatrixFederationAgent, or the outbound federation proxy of
+        `outbound_federation_restricted_to`, wrapped in BlocklistingAgentWrapper),
+        which does server discovery (.well-known, SRV), TLS and the IP blocklist
+        on a `matrix-federation://` URI, with the same `timeout_deferred` and
+        logcontext handling. Synapse's retry limiter is not consulted nor fed (the
+        pusher keeps its own backoff), nor are its retries made.
+
+        Returns whatever the destination answered, of any status. Raises
+        Unreachable when there is no answer (connection, TLS, timeout), Denied
+        when the destination is not in `federation_domain_whitelist`.
+        """
+        whitelist = self._hs.config.federation.federation_domain_whitelist
+        if whitelist is not None and destination not in whitelist:
+            raise Denied(FederationDeniedError(destination))
+        uri = urlunparse(
+            (
+                b"matrix-federation",
+                destination.encode("ascii"),
+                path.encode("ascii"),
+                None,
+                b"",
+                b"",
+            )
+        )
+        headers = Headers(
+            {
+                b"Authorization": [authorization.encode("ascii")],
+                b"Content-Type": [b"application/json"],
+                b"User-Agent": [self._hs.version_string.encode("ascii")],
+            }
+        )
+        clock = self._hs.get_clock()
+        timeout_s = timeout_ms / 1000
+        # IAgent.request and FileBodyProducer (QuieterFileBodyProducer's base) are
+        # zope/Twisted declarations that mypy cannot check calls against.
+        agent: Any = self._client.agent
+        producer: Callable[[BytesIO], object] = QuieterFileBodyProducer
+        try:
+            response: IResponse = await make_deferred_yieldable(
+                timeout_deferred(
+                    deferred=run_in_background(
+                        agent.request,
+                        b"PUT",
+                        uri,
+                        headers=headers,
+                        bodyProducer=producer(BytesIO(body)),
+                    ),
+                    timeout=timeout_s,
+                    clock=clock,
+                )
+            )
+            answer = BytesIO()
+            await make_deferred_yieldable(
+                timeout_deferred(
+                    deferred=read_body_with_max_size(
+                        response, answer, MAX_SEND_ANSWER_BYTES
+                    ),
+                    timeout=timeout_s,
+                    clock=clock,
+                )
+            )
+        except Exception as e:
+            raise Unreachable(RequestSendFailed(e, can_retry=True)) from e
+        return Answer(response.code, answer.getvalue())
 
     def wake_destination(self, destination: str) -> None:
         """Make Synapse try the destination's queue now.

@@ -28,6 +28,8 @@ def test_empty_config_gives_defaults() -> None:
     assert config.relay.max_transactions_per_destination == 100_000
     assert config.relay.max_bytes_per_destination == 1073741824
     assert config.relay.retention_ms == 30 * 86400 * 1000
+    assert config.relay.push
+    assert config.relay.push_interval_max_ms == 60_000
     assert config.send == SendConfig()
     assert config.send.attempts_before_relay == 3
     assert config.receive == ReceiveConfig()
@@ -45,6 +47,8 @@ def test_full_config_from_design() -> None:
                 "max_transactions_per_destination": 100000,
                 "max_bytes_per_destination": 1073741824,
                 "retention": "30d",
+                "push": False,
+                "push_interval_max": "5m",
             },
             "send": {
                 "relays": {"b.example": ["relay.example", "relay2.example:8448"]},
@@ -56,6 +60,8 @@ def test_full_config_from_design() -> None:
     assert config.relay.holds_mail_for("b.example")
     assert not config.relay.holds_mail_for("c.example")
     assert config.relay.accepts_from("anyone.example")
+    assert not config.relay.push
+    assert config.relay.push_interval_max_ms == 300_000
     assert config.send.relays == {"b.example": ("relay.example", "relay2.example:8448")}
     assert config.receive.relays == ("relay.example",)
 
@@ -145,10 +151,20 @@ def test_bad_durations(bad: object) -> None:
             'modules.synapse_relay.relay.retention: must be at least 1s, got "500ms"',
         ),
         (
+            {"relay": {"push": "yes"}},
+            'modules.synapse_relay.relay.push: must be true or false, got "yes"',
+        ),
+        (
+            {"relay": {"push_interval_max": "100ms"}},
+            "modules.synapse_relay.relay.push_interval_max: must be at least 1s,"
+            ' got "100ms"',
+        ),
+        (
             {"relay": {"enable": True}},
             "modules.synapse_relay.relay.enable: unknown option (expected one of:"
             " enabled, destinations, origins, max_transactions_per_destination,"
-            " max_bytes_per_destination, retention, max_key_users_per_destination)",
+            " max_bytes_per_destination, retention, max_key_users_per_destination,"
+            " push, push_interval_max)",
         ),
         (
             {"receive": {"escrowed_one_time_keys": 11}},

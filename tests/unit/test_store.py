@@ -161,6 +161,7 @@ def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
 
 
 def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
+    txn.execute("DROP INDEX synapse_relay_entries_proven")
     txn.execute("ALTER TABLE synapse_relay_entries DROP COLUMN origin_auth")
     txn.execute("DROP TABLE synapse_relay_key_snapshots")
     txn.execute("DROP TABLE synapse_relay_key_stock")
@@ -172,3 +173,41 @@ def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
     )
     store._create_or_migrate_schema_txn(txn)
     assert collect(txn).entry == Entry(1, "{}", None)
+
+
+def deposit_proven(txn: Txn, txn_id: str, destination: str = "b") -> int:
+    proof = '{"key":"ed25519:k","sig":"s"}'
+    return store._deposit_txn(
+        txn,
+        NewEntry("a", txn_id, destination, "{}", 1000, origin_auth=proof),
+        Quota(10, 1000),
+    ).entry_id
+
+
+def test_pusher_reads_proven_entries_in_order_past_unproven_ones(txn: Txn) -> None:
+    deposit(txn, txn_id="u1")
+    first = deposit_proven(txn, "p1")
+    deposit(txn, txn_id="u2", destination="c")
+    second = deposit_proven(txn, "p2")
+    deposit_proven(txn, "p3", destination="d")
+    assert store._destinations_with_proven_entries_txn(txn) == ["b", "d"]
+    oldest = store._oldest_entry_txn(txn, "b", store._PROVEN)
+    assert oldest is not None and oldest.entry_id == first
+    # a pushed entry is deleted as an acknowledgement deletes it: totals follow
+    assert store._acknowledge_txn(txn, "b", first)
+    assert not store._acknowledge_txn(txn, "b", first)
+    assert not store._acknowledge_txn(txn, "c", second)  # not c's
+    oldest = store._oldest_entry_txn(txn, "b", store._PROVEN)
+    assert oldest is not None and oldest.entry_id == second
+    assert store._acknowledge_txn(txn, "b", second)
+    assert store._oldest_entry_txn(txn, "b", store._PROVEN) is None
+    assert store._destinations_with_proven_entries_txn(txn) == ["d"]
+    assert store._queues_txn(txn)[0] == Queue("b", 1, 2, 1000, 0)
+
+
+def test_proven_entries_are_read_through_their_index(txn: Txn) -> None:
+    txn.execute(
+        "EXPLAIN QUERY PLAN SELECT entry_id FROM synapse_relay_entries"
+        f" WHERE destination = 'b' {store._PROVEN} ORDER BY entry_id LIMIT 1"
+    )
+    assert "synapse_relay_entries_proven" in str(txn.fetchall())
