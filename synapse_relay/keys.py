@@ -49,6 +49,7 @@ from synapse_relay._synapse.keys import (
     RelayUnusable,
     ServerSignatures,
     intercept_key_requests,
+    query_destinations_with_relays,
 )
 from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import (
@@ -786,6 +787,9 @@ class KeyFallback:
         self._client = KeyRelayClient(api)
         self.stats = RoleStats("send_keys", USE_COUNTERS, per_relay=True)
 
+    async def has_relays(self, destination: str) -> bool:
+        return bool(await self._directory.relays_for(destination))
+
     async def answer(self, request: KeyRequest, failure: Exception) -> JsonDict | None:
         destination = request.destination
         for relay in await self._directory.relays_for(destination):
@@ -896,6 +900,7 @@ def start_key_fallback(
     )
     fallback = KeyFallback(directory, api)
     intercept_key_requests(api, fallback.answer)
+    query_destinations_with_relays(fallback.has_relays)
     return fallback
 
 

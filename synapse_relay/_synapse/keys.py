@@ -20,11 +20,18 @@ import attr
 # signedjson: the signatures Synapse itself puts on federation JSON.
 from signedjson.sign import sign_json
 from synapse.api.errors import HttpResponseException, RequestSendFailed
+
+# handlers/e2e_keys.py and handlers/device.py: the two module namespaces whose
+# backoff filter the key mailbox widens (query_destinations_with_relays).
+from synapse.handlers import device as device_handler
+from synapse.handlers import e2e_keys as e2e_keys_handler
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.types import UserID
 
 # util/retryutils.py: raised instead of a request while Synapse backs off a server.
 from synapse.util.retryutils import NotRetryingDestination
+
+from synapse_relay._synapse.outbound import filter_letting_through
 
 ALGORITHM = "signed_curve25519"
 
@@ -261,3 +268,22 @@ def intercept_key_requests(api: ModuleApi, handler: KeyRequestHandler) -> None:
     client.query_user_devices = query_user_devices  # type: ignore[method-assign]
     client.claim_client_keys = claim_client_keys  # type: ignore[method-assign]
     client.claim_client_keys_unstable = claim_client_keys_unstable  # type: ignore[method-assign]
+
+
+def query_destinations_with_relays(
+    has_relays: Callable[[str], Awaitable[bool]],
+) -> None:
+    """Let Synapse ask for the keys of servers it backs off when they have relays
+    (the requests then fail at once and `intercept_key_requests` answers them).
+
+    Two places drop backed-off servers before any request, each replaced in that
+    one module's namespace (both import `filter_destinations_by_retry_limiter`):
+    handlers/e2e_keys.py `E2eKeysHandler.query_devices` (a client's /keys/query of
+    users whose devices are not cached, answered "503 Not ready for retry"), and
+    handlers/device.py `DeviceListUpdater._maybe_retry_device_resync` (the
+    periodic retry of stale device lists, e.g. after a relayed
+    m.device_list_update).
+    """
+    widened = filter_letting_through(has_relays)
+    e2e_keys_handler.filter_destinations_by_retry_limiter = widened  # type: ignore[attr-defined]
+    device_handler.filter_destinations_by_retry_limiter = widened  # type: ignore[attr-defined]

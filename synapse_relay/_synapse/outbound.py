@@ -12,10 +12,10 @@ Synapse 1.163 sends a transaction through this chain:
       the destination's retry limiter, retries unless `timeout` is given)
 """
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlunparse
 
 import attr
@@ -444,22 +444,46 @@ async def _get_retry_limiter(*, destination: str, **kwargs: Any) -> Any:
         return await retryutils.get_retry_limiter(destination=destination, **kwargs)
 
 
-async def _filter_destinations_by_retry_limiter(
-    destinations: StrCollection,
-    clock: Any,
-    store: Any,
-    retry_due_within_ms: int = 0,
-) -> StrCollection:
-    kept = await retryutils.filter_destinations_by_retry_limiter(
-        destinations, clock, store, retry_due_within_ms
-    )
-    if len(kept) == len(destinations):
-        return kept
-    kept_set = set(kept)
-    let_through = [
-        d for d in destinations if d not in kept_set and await _lets_through(d)
-    ]
-    return [*kept, *let_through] if let_through else kept
+class DestinationFilter(Protocol):
+    """The signature of Synapse's `filter_destinations_by_retry_limiter`."""
+
+    def __call__(
+        self,
+        destinations: StrCollection,
+        clock: Any,
+        store: Any,
+        retry_due_within_ms: int = 0,
+    ) -> Coroutine[Any, Any, StrCollection]: ...
+
+
+def filter_letting_through(
+    lets_through: Callable[[str], Awaitable[bool]],
+) -> DestinationFilter:
+    """Synapse's `filter_destinations_by_retry_limiter` (util/retryutils.py), which
+    drops destinations Synapse backs off, except that it keeps those that
+    `lets_through` accepts."""
+
+    async def filter_destinations_by_retry_limiter(
+        destinations: StrCollection,
+        clock: Any,
+        store: Any,
+        retry_due_within_ms: int = 0,
+    ) -> StrCollection:
+        kept = await retryutils.filter_destinations_by_retry_limiter(
+            destinations, clock, store, retry_due_within_ms
+        )
+        if len(kept) == len(destinations):
+            return kept
+        kept_set = set(kept)
+        let_through = [
+            d for d in destinations if d not in kept_set and await lets_through(d)
+        ]
+        return [*kept, *let_through] if let_through else kept
+
+    return filter_destinations_by_retry_limiter
+
+
+_filter_destinations_by_retry_limiter = filter_letting_through(_lets_through)
 
 
 def on_remote_server_up(api: ModuleApi, callback: Callable[[str], None]) -> None:
