@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 import attr
 from canonicaljson import encode_canonical_json
+from prometheus_client import Gauge
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from synapse.module_api import JsonDict, ModuleApi
@@ -105,6 +106,28 @@ USE_COUNTERS = {
     "keys_claimed": "One-time or fallback keys of an unreachable server claimed",
     "snapshots_refused": "Snapshots from a relay refused (bad signature or content)",
 }
+
+
+_STOCK_LEFT = Gauge(
+    "synapse_relay_receive_keys_stock_left",
+    "One-time keys of our devices left in escrow on a relay (last refresh)",
+    ("relay",),
+)
+
+
+class DepositStats(RoleStats):
+    """The owner's counters, and the escrow stock left on each relay."""
+
+    def __init__(self) -> None:
+        super().__init__("receive_keys", DEPOSIT_COUNTERS, per_relay=True)
+        self.stock_left: dict[str, int] = {}
+
+    def set_stock_left(self, relay: str, keys: int) -> None:
+        self.stock_left[relay] = keys
+        _STOCK_LEFT.labels(relay=relay).set(keys)
+
+    def snapshot(self) -> dict[str, object]:
+        return {**super().snapshot(), "stock_left": dict(self.stock_left)}
 
 
 def _fail(code: int, message: str, errcode: str = Codes.BAD_JSON) -> SynapseError:
@@ -628,9 +651,7 @@ class KeyDepositor:
         # relay -> user -> device -> key ID -> key: taken, not yet uploaded
         self._pending: dict[str, dict[str, dict[str, dict[str, JsonDict]]]] = {}
         self._running = False
-        self.stats = RoleStats("receive_keys", DEPOSIT_COUNTERS, per_relay=True)
-        # relay -> escrowed one-time keys left there (all devices), last seen
-        self.stock_left: dict[str, int] = {}
+        self.stats = DepositStats()
 
     async def deposit_all(self) -> None:
         if self._running:
@@ -689,6 +710,12 @@ class KeyDepositor:
             or user_id not in held_users
             or uploaded.get(user_id) != snapshot_content_digest(content)
         ]
+        stock_left = sum(
+            count
+            for devices in stock.values()
+            for algorithms in devices.values()
+            for count in algorithms.values()
+        )
         for start in range(0, len(changed), MAX_SNAPSHOTS_PER_UPLOAD):
             batch = changed[start : start + MAX_SNAPSHOTS_PER_UPLOAD]
             now = self._api.get_current_time_msec()
@@ -708,18 +735,14 @@ class KeyDepositor:
                 uploaded[user_id] = snapshot_content_digest(contents[user_id])
             self.stats.inc("snapshots_uploaded", relay, len(batch))
             self.stats.inc("one_time_keys_escrowed", relay, escrowed)
+            stock_left += escrowed
             logger.info(
                 "Uploaded key snapshots of %d users to %s (%d one-time keys escrowed)",
                 len(batch),
                 relay,
                 escrowed,
             )
-        self.stock_left[relay] = sum(
-            count
-            for devices in stock.values()
-            for algorithms in devices.values()
-            for count in algorithms.values()
-        ) + sum(len(keys) for devices in pending.values() for keys in devices.values())
+        self.stats.set_stock_left(relay, stock_left)
 
     async def _take_keys(
         self,
