@@ -57,8 +57,9 @@ def net(
     tls_cert: Any,
 ) -> Iterator[Net]:
     with FakeRelay(tls_cert) as liar:
+        # push off: what reaches b here must come through its collection
         r = homeserver_factory.create(
-            {"relay": {"enabled": True, "destinations": ["*"]}}, QUIET
+            {"relay": {"enabled": True, "destinations": ["*"], "push": False}}, QUIET
         )
         b = homeserver_factory.create(None, QUIET, start=False)
         b.module_config = {

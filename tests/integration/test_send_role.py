@@ -42,7 +42,8 @@ DEPOSIT_WITHIN_S = 2.0
 # The same for the first message to a destination that never answers.
 SILENT_DEPOSIT_WITHIN_S = 5.0
 COMMON_CONFIG = {"presence": {"enabled": False}}
-RELAY_CONFIG = {"relay": {"enabled": True, "destinations": ["*"]}}
+# push off: the relays' queues for b change only by what a deposits
+RELAY_CONFIG = {"relay": {"enabled": True, "destinations": ["*"], "push": False}}
 
 
 @dataclass
