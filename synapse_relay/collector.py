@@ -1,9 +1,10 @@
 """The receive role: the seed's P2P Node B, collecting its mail from its relays.
 
 At start-up, every `receive.poll_interval` and on the admin `POST collect`, the
-collector asks each of our relays, one after the other, for our mail with
-`GET relay_txn/@_relay:<us>` and handles the transactions one at a time, in relay
-order:
+collector asks each of our relays, one after the other, for our mail (in batches,
+fetching the next batch while Synapse processes the last transaction in hand, or
+with Dendrite's `relay_txn` from relays without the batch endpoint: see
+`relay_client.py`), and handles the transactions one at a time, in relay order:
 
 1. *check* it (`prepare_transaction`): a transaction destined to another server,
    or whose origin is missing, not a server name, or us, is refused; PDUs not sent
@@ -17,13 +18,18 @@ order:
    from its origin (`FederationServer.on_incoming_transaction`) under the
    transaction id `relayed:<its id>`, and wait until Synapse has processed its
    PDUs (they leave Synapse's inbound staging area);
-4. *acknowledge* it: its entry id goes in the next relay_txn request, so the relay
-   deletes it only after we processed it.
+4. *acknowledge* it: its entry id goes in the next request to the relay, so the
+   relay deletes it only after we processed it.
+
+Feeding one transaction at a time and waiting until its PDUs left the staging
+area keeps Synapse's inbound staging area (which it prunes at 100 events per
+room) far from its limits, however many transactions a batch brings.
 
 A transient failure (the relay unreachable or answering an error, our database
 down, Synapse busy with another transaction of the same origin, a PDU failing for
 a reason other than Synapse's verdict on it) stops the collection from that relay
-without acknowledging anything, to be retried on the next round. A transaction we
+without acknowledging the transaction, to be retried on the next round (what was
+processed before it is acknowledged then). A transaction we
 refuse or that Synapse rejects for good is acknowledged (it would fail forever),
 with a warning. See README.rst, "Receive role", for the reasons behind each rule.
 
@@ -33,7 +39,7 @@ joins it), and only the instance that runs background tasks collects.
 
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import attr
 from synapse.module_api import (
@@ -62,11 +68,16 @@ from synapse_relay.inbound import (
     keys_needed,
     keys_satisfied,
     offered_keys,
-    parse_relay_answer,
     prepare_transaction,
     retry_txn_id,
 )
-from synapse_relay.protocol import relay_txn_path
+from synapse_relay.relay_client import (
+    BATCH_RECHECK_MS,
+    RELAY_TIMEOUT_MS,
+    HandedOutAgain,
+    RelayMailbox,
+    RelayWire,
+)
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import RelayStore
 
@@ -86,7 +97,6 @@ RECEIVE_COUNTERS = {
 }
 
 
-RELAY_TIMEOUT_MS = 30_000
 # The first collection, shortly after Synapse has started.
 STARTUP_DELAY_MS = 1_000
 # How long Synapse may take to process the PDUs of one fed transaction.
@@ -137,14 +147,8 @@ class CollectionResult:
         }
 
 
-class Homeserver(Protocol):
+class Homeserver(RelayWire, Protocol):
     """What the collector needs from Synapse (`_synapse.inbound.InboundFederation`)."""
-
-    server_name: str
-
-    async def get_with_body(
-        self, destination: str, path: str, content: JsonDict, timeout_ms: int
-    ) -> Any: ...
 
     async def query_notary(
         self, notary: str, server_name: str, timeout_ms: int
@@ -233,9 +237,12 @@ class Collector:
         self.stats = RoleStats("receive", RECEIVE_COUNTERS, per_relay=True)
         # callers waiting for the collection under way
         self._waiters: list[defer.Deferred[CollectionResult]] = []
-        # relay -> an entry processed but not yet acknowledged (the request that
-        # carried the acknowledgement failed)
-        self._unacknowledged: dict[str, int] = {}
+        # relay -> entries processed but not yet acknowledged (the request that
+        # carried the acknowledgement failed, or the collection stopped first)
+        self._unacknowledged: dict[str, list[int]] = {}
+        # relay -> until when it is collected from with relay_txn (it answered
+        # that it has no batch collect endpoint)
+        self._no_batch_until: dict[str, int] = {}
         # (relay, origin, txn id) -> consecutive failed attempts
         self._attempts: dict[tuple[str, str, str], int] = {}
         # (relay, origin) whose notary was asked during this collection
@@ -277,32 +284,34 @@ class Collector:
         """Collect from one relay until its mailbox is empty or something fails."""
         done = RelayCollection()
         self.stats.inc("collections", relay)
-        acknowledge = self._unacknowledged.pop(relay, 0)
-        handed_out: set[int] = set()
+        mailbox = RelayMailbox(
+            self._hs,
+            relay,
+            self._unacknowledged.pop(relay, []),
+            batch=self._api.get_current_time_msec()
+            >= self._no_batch_until.get(relay, 0),
+        )
+        try:
+            return await self._collect_mailbox(relay, mailbox, done)
+        finally:
+            if mailbox.unacknowledged:
+                # They may or may not have been deleted: acknowledge them again.
+                self._unacknowledged[relay] = mailbox.unacknowledged
+            if mailbox.lacks_batch:
+                self._no_batch_until[relay] = (
+                    self._api.get_current_time_msec() + BATCH_RECHECK_MS
+                )
+
+    async def _collect_mailbox(
+        self, relay: str, mailbox: RelayMailbox, done: RelayCollection
+    ) -> RelayCollection:
         while True:
             try:
-                answer = await self._hs.get_with_body(
-                    relay,
-                    relay_txn_path(self._hs.server_name),
-                    {"entry_id": acknowledge},
-                    RELAY_TIMEOUT_MS,
-                )
-                entry = parse_relay_answer(answer)
-            except (RelayRequestFailed, MalformedAnswer) as e:
-                if acknowledge:
-                    # It may or may not have been deleted: acknowledge it again.
-                    self._unacknowledged[relay] = acknowledge
-                return self._failed(relay, done, f"relay_txn failed: {e}")
+                entry = await mailbox.next()
+            except (RelayRequestFailed, MalformedAnswer, HandedOutAgain) as e:
+                return self._failed(relay, done, f"{mailbox.wire_form} failed: {e}")
             if entry is None:
                 return done
-            if entry.entry_id in handed_out:
-                return self._failed(
-                    relay,
-                    done,
-                    f"the relay handed out entry {entry.entry_id} again after we"
-                    " acknowledged it",
-                )
-            handed_out.add(entry.entry_id)
             self.stats.inc("collected", relay)
             try:
                 verdict = await self._handle(relay, entry)
@@ -313,7 +322,7 @@ class Collector:
             else:
                 done.rejected += 1
             self.stats.inc(verdict.value, relay)
-            acknowledge = entry.entry_id
+            mailbox.done(entry.entry_id)
 
     def _failed(
         self, relay: str, done: RelayCollection, reason: str

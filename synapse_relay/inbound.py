@@ -2,7 +2,8 @@
 Synapse's answers: pure functions, no I/O (the collector, `collector.py`, does the
 fetching, feeding and acknowledging).
 
-- `parse_relay_answer`: a relay_txn answer, or MalformedAnswer.
+- `parse_relay_answer`, `parse_batch_answer`: a relay_txn or batch collect answer,
+  or MalformedAnswer.
 - `prepare_transaction`: refuse a transaction not for us or without a usable origin;
   leave out PDUs not sent by a user of the origin and EDUs a relay could forge.
 - `keys_needed`, `keys_satisfied`, `judge_offered_keys`: the origin's signing keys
@@ -23,7 +24,7 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict
 
 from synapse_relay._synapse import HeldKey, is_valid_server_name
-from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
+from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
 
 # Transactions are fed to Synapse under this prefix + the origin's transaction id:
 # Synapse deduplicates by (origin, transaction id) for a day, so a relay that could
@@ -56,10 +57,13 @@ class Verdict(Enum):
 class RelayEntry:
     entry_id: int
     transaction: Any
+    # the origin proof the relay returned beside the transaction (ORIGIN_AUTH),
+    # unchecked; None when it returned none
+    origin_auth: Any = None
 
 
 class MalformedAnswer(Exception):
-    """A relay's answer to relay_txn is not what the protocol says."""
+    """A relay's collect answer is not what the protocol says."""
 
 
 def parse_relay_answer(answer: Any) -> RelayEntry | None:
@@ -74,10 +78,32 @@ def parse_relay_answer(answer: Any) -> RelayEntry | None:
     transaction = answer.get("transaction")
     if transaction is None or transaction == {}:
         return None
-    entry_id = answer.get("entry_id")
+    return _entry(answer)
+
+
+def parse_batch_answer(answer: Any) -> tuple[list[RelayEntry], bool]:
+    """The entries a batch collect answer carries, in order, and whether the relay
+    says more remain after them."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("entries"), list):
+        raise MalformedAnswer("the answer is not a JSON object with a list of entries")
+    more = answer.get("entries_queued")
+    if not isinstance(more, bool):
+        raise MalformedAnswer(f"entries_queued {more!r} is not a boolean")
+    entries = []
+    for entry in answer["entries"]:
+        if not isinstance(entry, dict) or not isinstance(
+            entry.get("transaction"), dict
+        ):
+            raise MalformedAnswer("an entry is not an object with a transaction")
+        entries.append(_entry(entry))
+    return entries, more
+
+
+def _entry(fields: JsonDict) -> RelayEntry:
+    entry_id = fields.get("entry_id")
     if not isinstance(entry_id, int) or isinstance(entry_id, bool) or entry_id < 1:
         raise MalformedAnswer(f"entry_id {entry_id!r} is not an integer >= 1")
-    return RelayEntry(entry_id=entry_id, transaction=transaction)
+    return RelayEntry(entry_id, fields["transaction"], fields.get(ORIGIN_AUTH))
 
 
 @attr.s(frozen=True, auto_attribs=True)

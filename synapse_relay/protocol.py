@@ -1,4 +1,4 @@
-"""The relay wire protocol (DESIGN.md section 2), shared by the three roles.
+"""The relay wire protocol (DESIGN.md sections 2 and 2b), shared by the three roles.
 
 Compatible with Dendrite's relay API: the same paths and bodies. The user ID in both
 paths only names a server (its server name is the mailbox); this module always uses
@@ -43,9 +43,12 @@ UNSTABLE_NAMESPACE = "synapse_relay"
 # answers, and the column the relay keeps it in (DESIGN.md section 2b).
 ORIGIN_AUTH = f"{UNSTABLE_NAMESPACE}.origin_auth"
 
+# Where this project's unstable federation endpoints live.
+UNSTABLE_PREFIX = f"/_matrix/federation/unstable/{UNSTABLE_NAMESPACE}"
+
 # The key mailbox (DESIGN.md section 2b, docs/keys.rst): a server's keys held by
 # its relays, below this prefix followed by the server's name.
-KEYS_PREFIX = f"/_matrix/federation/unstable/{UNSTABLE_NAMESPACE}/keys"
+KEYS_PREFIX = f"{UNSTABLE_PREFIX}/keys"
 # Beside the answers of the key mailbox: the owner-signed snapshots they come from.
 KEY_SNAPSHOTS = f"{UNSTABLE_NAMESPACE}.snapshots"
 
@@ -53,3 +56,19 @@ KEY_SNAPSHOTS = f"{UNSTABLE_NAMESPACE}.snapshots"
 def keys_path(server_name: str, tail: str) -> str:
     """Where the key mailbox of `server_name` serves `tail` (e.g. "/stock")."""
     return f"{KEYS_PREFIX}/{quote(server_name, safe='')}{tail}"
+
+
+# Batch collect (DESIGN.md section 2b): entries per answer when the request names
+# no limit, and at most; acknowledged entry ids per request, at most.
+COLLECT_DEFAULT_LIMIT = 10
+COLLECT_MAX_LIMIT = 100
+COLLECT_MAX_ACKNOWLEDGE = 1000
+# The size budget of one batch collect answer: its entries' transactions add up to
+# at most this many bytes of JSON, except that the first entry is always returned
+# whatever its size (one transaction is at most one deposit request's body).
+COLLECT_MAX_BYTES = 1024 * 1024
+
+
+def collect_path(server_name: str) -> str:
+    """Where `server_name` collects its mail in batches on a relay."""
+    return f"{UNSTABLE_PREFIX}/collect/{quote(mailbox_user_id(server_name), safe='')}"

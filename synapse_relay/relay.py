@@ -1,11 +1,14 @@
-"""The relay role: the seed's Relay Server API, as two federation endpoints.
+"""The relay role: the seed's Relay Server API, as federation endpoints.
 
 - forwarder, `PUT /_matrix/federation/v1/send_relay/{txnID}/{userID}`: a *deposit*;
   stores a transaction for the user ID's server (the destination).
 - retriever, `GET /_matrix/federation/v1/relay_txn/{userID}`: a *collect*; hands the
   destination its oldest entry, after deleting the one it *acknowledges*.
+- batch collect, `POST /_matrix/federation/unstable/synapse_relay/collect/{userID}`
+  (DESIGN.md section 2b): the same in batches, acknowledging many entries and
+  handing out up to `limit` at once, within `COLLECT_MAX_BYTES`.
 
-Both are served by Synapse's federation listener with X-Matrix authentication (see
+All are served by Synapse's federation listener with X-Matrix authentication (see
 `_synapse.servlets.mount_federation_endpoints`); `origin` below is always the
 authenticated server, never a value taken from the request body.
 """
@@ -31,10 +34,19 @@ from synapse_relay.proof import (
     parse_proof,
     with_signature,
 )
-from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
+from synapse_relay.protocol import (
+    COLLECT_DEFAULT_LIMIT,
+    COLLECT_MAX_ACKNOWLEDGE,
+    COLLECT_MAX_BYTES,
+    COLLECT_MAX_LIMIT,
+    MAX_EDUS,
+    MAX_PDUS,
+    ORIGIN_AUTH,
+    UNSTABLE_PREFIX,
+)
 from synapse_relay.push import Pusher, start_pusher
 from synapse_relay.stats import RoleStats
-from synapse_relay.store import NewEntry, Quota, QuotaExceeded, RelayStore
+from synapse_relay.store import Entry, NewEntry, Quota, QuotaExceeded, RelayStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +68,8 @@ RELAY_COUNTERS = {
     "deposits_unproven": "Transactions stored without an origin proof",
     "proofs_refused": "Deposits refused for their origin proof: not matching the"
     " request or the body (400), or not verifying (401)",
-    "collects": "relay_txn requests served to the owner of a queue",
-    "collects_refused": "relay_txn requests refused: not the owner",
+    "collects": "relay_txn and batch collect requests served to the owner of a queue",
+    "collects_refused": "relay_txn and batch collect requests refused: not the owner",
     "acknowledged": "Entries deleted because their owner acknowledged them",
     "purged": "Entries deleted because they were older than the retention",
 }
@@ -212,11 +224,11 @@ def parse_entry_id(content: JsonDict | None, query: Query) -> int:
     """The acknowledged entry id, from the body or `?entry_id=`; 0 when absent."""
     values: list[int] = []
     if content is not None and "entry_id" in content:
-        values.append(_entry_id(content["entry_id"]))
+        values.append(entry_id_value(content["entry_id"]))
     for raw in query.get(b"entry_id", []):
         text = raw.decode("utf-8", errors="replace")
         values.append(
-            _entry_id(int(text) if text.isascii() and text.isdigit() else text)
+            entry_id_value(int(text) if text.isascii() and text.isdigit() else text)
         )
     if len(set(values)) > 1:
         raise SynapseError(
@@ -225,7 +237,8 @@ def parse_entry_id(content: JsonDict | None, query: Query) -> int:
     return values[0] if values else 0
 
 
-def _entry_id(value: object) -> int:
+def entry_id_value(value: object) -> int:
+    """An entry id from a request: an integer >= 0; 400 M_INVALID_PARAM otherwise."""
     if (
         isinstance(value, int)
         and not isinstance(value, bool)
@@ -250,7 +263,9 @@ def start_relay_role(
     if not config.enabled:
         return None
     relay = Relay(config, store, api)
-    mount_federation_endpoints([SendRelayEndpoint(relay), RelayTxnEndpoint(relay)])
+    mount_federation_endpoints(
+        [SendRelayEndpoint(relay), RelayTxnEndpoint(relay), CollectEndpoint(relay)]
+    )
     # Runs on the one instance that runs background tasks.
     api.looping_background_call(
         relay.purge_expired,
@@ -296,6 +311,18 @@ class Relay:
         acknowledgement does; whether it was still there."""
         async with self.queue_lock(destination):
             return await self.store.acknowledge(destination, entry_id)
+
+    def owned_mailbox(self, origin: str, user_id: str) -> str:
+        """The destination whose mail `user_id` names, if `origin` owns it: 400 for
+        a bad user ID, 403 when `origin` is not its owner."""
+        destination = destination_of(user_id)
+        if origin != destination:
+            self.stats.inc("collects_refused")
+            logger.warning("Refused %s collecting the mail of %s", origin, destination)
+            raise SynapseError(
+                403, f"Only {destination} may collect its own mail", Codes.FORBIDDEN
+            )
+        return destination
 
     async def purge_expired(self) -> None:
         before = self.api.get_current_time_msec() - self.config.retention_ms
@@ -463,13 +490,7 @@ class RelayTxnEndpoint:
         self, origin: str, content: JsonDict | None, query: Query, user_id: str
     ) -> tuple[int, JsonDict]:
         relay = self._relay
-        destination = destination_of(user_id)
-        if origin != destination:
-            relay.stats.inc("collects_refused")
-            logger.warning("Refused %s collecting the mail of %s", origin, destination)
-            raise SynapseError(
-                403, f"Only {destination} may collect its own mail", Codes.FORBIDDEN
-            )
+        destination = relay.owned_mailbox(origin, user_id)
         acknowledged = parse_entry_id(content, query)
         async with relay.queue_lock(destination):
             collected = await relay.store.acknowledge_and_get_oldest(
@@ -481,11 +502,80 @@ class RelayTxnEndpoint:
         entry = collected.entry
         if entry is None:
             return 200, {"transaction": {}, "entry_id": 0, "entries_queued": False}
-        answer: JsonDict = {
-            "transaction": json.loads(entry.txn_json),
+        return 200, {
+            **entry_fields(entry),
             "entry_id": entry.entry_id,
             "entries_queued": True,
         }
-        if entry.origin_auth is not None:
-            answer[ORIGIN_AUTH] = json.loads(entry.origin_auth)
-        return 200, answer
+
+
+def entry_fields(entry: Entry) -> JsonDict:
+    """An entry as collect answers carry it: its transaction, and its origin proof
+    when it has one."""
+    fields: JsonDict = {"transaction": json.loads(entry.txn_json)}
+    if entry.origin_auth is not None:
+        fields[ORIGIN_AUTH] = json.loads(entry.origin_auth)
+    return fields
+
+
+def parse_collect_body(content: JsonDict | None) -> tuple[list[int], int]:
+    """The acknowledged entry ids (without repeats) and the limit of a batch
+    collect request; 400 M_INVALID_PARAM for a bad value of either. A limit above
+    COLLECT_MAX_LIMIT counts as COLLECT_MAX_LIMIT."""
+    content = content or {}
+    limit = content.get("limit", COLLECT_DEFAULT_LIMIT)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise SynapseError(
+            400,
+            f"limit must be an integer >= 1, got {json.dumps(limit)}",
+            Codes.INVALID_PARAM,
+        )
+    acknowledge = content.get("acknowledge", [])
+    if not isinstance(acknowledge, list):
+        raise SynapseError(
+            400, "acknowledge must be a list of entry ids", Codes.INVALID_PARAM
+        )
+    if len(acknowledge) > COLLECT_MAX_ACKNOWLEDGE:
+        raise SynapseError(
+            400,
+            f"Too many entry ids acknowledged: {len(acknowledge)}, at most"
+            f" {COLLECT_MAX_ACKNOWLEDGE} per request",
+            Codes.INVALID_PARAM,
+        )
+    acknowledged = list(dict.fromkeys(entry_id_value(v) for v in acknowledge))
+    return acknowledged, min(limit, COLLECT_MAX_LIMIT)
+
+
+class CollectEndpoint:
+    """Batch collect: the owner of a queue acknowledges entries and collects the
+    oldest remaining ones, many at a time."""
+
+    PREFIX = UNSTABLE_PREFIX
+    PATH = "/collect/(?P<user_id>[^/]*)"
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def unsigned_body_is_harmless(self, content: JsonDict) -> bool:
+        return False  # (a POST: its body is always signed)
+
+    async def on_POST(
+        self, origin: str, content: JsonDict | None, query: Query, user_id: str
+    ) -> tuple[int, JsonDict]:
+        relay = self._relay
+        destination = relay.owned_mailbox(origin, user_id)
+        acknowledged, limit = parse_collect_body(content)
+        async with relay.queue_lock(destination):
+            batch = await relay.store.acknowledge_and_get_batch(
+                destination, acknowledged, limit, COLLECT_MAX_BYTES
+            )
+        relay.stats.inc("collects")
+        if batch.acknowledged:
+            relay.stats.inc("acknowledged", amount=batch.acknowledged)
+        return 200, {
+            "entries": [
+                {"entry_id": entry.entry_id, **entry_fields(entry)}
+                for entry in batch.entries
+            ],
+            "entries_queued": batch.more,
+        }

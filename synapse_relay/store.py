@@ -190,6 +190,17 @@ class Collected:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class CollectedBatch:
+    # how many of the acknowledged entries existed (for this destination) and
+    # were deleted
+    acknowledged: int
+    # the destination's oldest remaining entries, in entry order
+    entries: list[Entry]
+    # whether more entries remain after these
+    more: bool
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class Queue:
     destination: str
     transactions: int
@@ -307,6 +318,22 @@ class RelayStore:
         await self.ensure_schema()
         return await self._api.run_db_interaction(
             "synapse_relay_proven_destinations", _destinations_with_proven_entries_txn
+        )
+
+    async def acknowledge_and_get_batch(
+        self, destination: str, acknowledged: list[int], limit: int, max_bytes: int
+    ) -> CollectedBatch:
+        """Delete the acknowledged entries that are this destination's, in the same
+        commit return its oldest remaining entries: at most `limit`, whose
+        transactions add up to at most `max_bytes` (the first one always)."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_collect_batch",
+            _acknowledge_and_get_batch_txn,
+            destination,
+            acknowledged,
+            limit,
+            max_bytes,
         )
 
     async def queues(self) -> list[Queue]:
@@ -547,6 +574,41 @@ def _destinations_with_proven_entries_txn(txn: Any) -> list[str]:
         " ORDER BY q.destination"
     )
     return [destination for (destination,) in txn.fetchall()]
+
+
+def _acknowledge_and_get_batch_txn(
+    txn: Any, destination: str, acknowledged: list[int], limit: int, max_bytes: int
+) -> CollectedBatch:
+    deleted = 0
+    if acknowledged:
+        # Exactly these entries, and only those of this destination.
+        placeholders = ", ".join("?" for _ in acknowledged)
+        txn.execute(
+            "DELETE FROM synapse_relay_entries"
+            f" WHERE destination = ? AND entry_id IN ({placeholders}) RETURNING size",
+            (destination, *acknowledged),
+        )
+        sizes = [size for (size,) in txn.fetchall()]
+        deleted = len(sizes)
+        if deleted:
+            _shrink_queue(txn, destination, deleted, sum(sizes))
+    # One row more than asked for tells whether more remain.
+    txn.execute(
+        "SELECT entry_id, txn_json, origin_auth, size FROM synapse_relay_entries"
+        " WHERE destination = ? ORDER BY entry_id LIMIT ?",
+        (destination, limit + 1),
+    )
+    rows = txn.fetchall()
+    entries: list[Entry] = []
+    used = 0
+    for entry_id, txn_json, origin_auth, size in rows[:limit]:
+        if entries and used + size > max_bytes:
+            break
+        entries.append(Entry(entry_id, txn_json, origin_auth))
+        used += size
+    return CollectedBatch(
+        acknowledged=deleted, entries=entries, more=len(rows) > len(entries)
+    )
 
 
 def _queues_txn(txn: Any) -> list[Queue]:

@@ -2,6 +2,7 @@
 needs from Synapse's federation client, keyring and federation server.
 """
 
+import json
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -34,11 +35,19 @@ class RelayRequestFailed(Exception):
     could not be reached (connection refused, timeout, TLS, DNS, ...).
     """
 
-    def __init__(self, relay: str, reason: str, code: int | None = None) -> None:
+    def __init__(
+        self,
+        relay: str,
+        reason: str,
+        code: int | None = None,
+        errcode: str | None = None,
+    ) -> None:
         super().__init__(f"{relay}: {reason}")
         self.relay = relay
         self.reason = reason
         self.code = code
+        # the Matrix errcode of an error answer, when it carried one
+        self.errcode = errcode
 
 
 class NotaryKeyRejected(Exception):
@@ -94,6 +103,27 @@ class InboundFederation:
                 response,
                 start_ms,
                 parser=JsonParser(),
+            )
+        except Exception as e:
+            raise _request_failed(destination, e) from e
+
+    async def post_json(
+        self, destination: str, path: str, content: JsonDict, timeout_ms: int
+    ) -> Any:
+        """A signed federation POST (X-Matrix covers `content`); the JSON answer.
+
+        Raises RelayRequestFailed. synapse/http/matrixfederationclient.py:
+        `post_json` as Synapse's own federation requests use it; `timeout` and
+        `ignore_backoff` as in `get_with_body`.
+        """
+        client = self._hs.get_federation_http_client()
+        try:
+            return await client.post_json(
+                destination,
+                path,
+                data=content,
+                timeout=timeout_ms,
+                ignore_backoff=True,
             )
         except Exception as e:
             raise _request_failed(destination, e) from e
@@ -226,6 +256,14 @@ class InboundFederation:
         return {row[0] for row in rows}
 
 
+def _errcode(body: str) -> str | None:
+    try:
+        errcode = json.loads(body).get("errcode")
+    except (ValueError, AttributeError):
+        return None
+    return errcode if isinstance(errcode, str) else None
+
+
 def _request_failed(destination: str, e: Exception) -> RelayRequestFailed:
     """A RelayRequestFailed for an exception of Synapse's federation client.
 
@@ -236,9 +274,12 @@ def _request_failed(destination: str, e: Exception) -> RelayRequestFailed:
     """
     inner = e.inner_exception if isinstance(e, RequestSendFailed) else e
     if isinstance(inner, HttpResponseException):
-        body = inner.response.decode("utf-8", errors="replace")[:200]
+        body = inner.response.decode("utf-8", errors="replace")
         return RelayRequestFailed(
-            destination, f"answered {inner.code} {inner.msg}: {body}", inner.code
+            destination,
+            f"answered {inner.code} {inner.msg}: {body[:200]}",
+            inner.code,
+            _errcode(body),
         )
     if isinstance(e, FederationDeniedError):
         return RelayRequestFailed(

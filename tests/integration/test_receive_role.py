@@ -30,6 +30,7 @@ from tests.harness.homeserver import Homeserver, HomeserverFactory, wait_until
 pytestmark = pytest.mark.integration
 
 QUIET = {"presence": {"enabled": False}}
+BATCH_COLLECT = "/_matrix/federation/unstable/synapse_relay/collect/"
 # How long B may take, once healthy, to show what its start-up collection got.
 COLLECTION_DEADLINE = 30
 
@@ -273,6 +274,9 @@ def test_offline_recipient_gets_messages_through_relay(net: Net) -> None:
     assert counters["processed"] == len(bodies)
     assert counters["rejected"] == counters["failures"] == 0
     print(f"messages on b {took:.1f}s after it answered /health")
+    # b collected in batches (r, a synapse-relay, has the batch endpoint)
+    log = net.r.log_path.read_text(encoding="utf-8", errors="replace")
+    assert f"POST {BATCH_COLLECT}" in log
 
 
 def test_origin_offline_with_expired_key(net: Net) -> None:
@@ -457,3 +461,29 @@ def test_lying_relay(net: Net) -> None:
     final = relay_counters(net.c, net.c_admin, liar.server_name)
     assert final["processed"] - after["processed"] == 1
     assert final["rejected"] == after["rejected"]
+
+
+def test_relay_without_batch_collect_is_collected_with_relay_txn(net: Net) -> None:
+    """liar, like Dendrite, answers the batch endpoint 404 M_UNRECOGNIZED: c
+    collects from it with relay_txn, and does not ask for batches again before
+    BATCH_RECHECK_MS (it polls every second)."""
+    ensure_running(net.c)
+    liar = net.liar
+    entry = liar.add(
+        {
+            "origin": net.sender.server_name,
+            "destination": net.c.server_name,
+            "origin_server_ts": 1,
+            "transaction_id": f"dendrite-{time.monotonic_ns()}",
+            "pdus": [],
+            "edus": [],
+        }
+    )
+    wait_until(lambda: entry in liar.acknowledged, 10, message="collected")
+    posts = [p for p in liar.paths if p.startswith("POST ")]
+    assert posts and all(p.startswith(f"POST {BATCH_COLLECT}") for p in posts)
+    # once per start of c (this module restarts it once)
+    assert len(posts) <= 2, posts
+    relay_txn = [p for p in liar.paths if p.startswith("GET ") and "/relay_txn/" in p]
+    assert len(relay_txn) > len(posts)
+    assert relay_counters(net.c, net.c_admin, liar.server_name)["processed"] >= 1

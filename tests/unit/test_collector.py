@@ -9,6 +9,7 @@ from twisted.internet import defer
 
 from synapse_relay import collector as c
 from synapse_relay import inbound
+from synapse_relay import relay_client as rc
 from synapse_relay._synapse import HeldKey
 from synapse_relay._synapse.inbound import NotaryKeyRejected, RelayRequestFailed
 from synapse_relay.config import ReceiveConfig
@@ -250,9 +251,11 @@ def test_retry_txn_id() -> None:
 
 
 class FakeRelay(Mailbox):
-    """A relay's mailbox for us whose next request can fail."""
+    """A relay's mailbox for us whose next request can fail; with the batch
+    endpoint when `batch` is set, else answering it as Dendrite would."""
 
     fail_next: RelayRequestFailed | None = None
+    batch = False
 
     def answer(self, acknowledged: int) -> dict:
         if self.fail_next is not None:
@@ -260,6 +263,21 @@ class FakeRelay(Mailbox):
             error, self.fail_next = self.fail_next, None
             raise error
         return super().answer(acknowledged)
+
+    def batch_answer(self, acknowledge: list[int], limit: int) -> dict:
+        if not self.batch:
+            raise RelayRequestFailed("r", "answered 404", 404, "M_UNRECOGNIZED")
+        if self.fail_next is not None:
+            self.batch_requests.append((list(acknowledge), limit))
+            error, self.fail_next = self.fail_next, None
+            raise error
+        return super().batch_answer(acknowledge, limit)
+
+
+def batch_relay(*transactions: dict) -> FakeRelay:
+    relay = FakeRelay(*transactions)
+    relay.batch = True
+    return relay
 
 
 class FakeHomeserver:
@@ -285,6 +303,18 @@ class FakeHomeserver:
         if self.blocker is not None:
             await self.blocker
         return self.relays[destination].answer(content["entry_id"])
+
+    async def post_json(
+        self, destination: str, path: str, content: dict, timeout_ms: int
+    ) -> Any:
+        assert path == (
+            "/_matrix/federation/unstable/synapse_relay/collect/%40_relay%3Ab.example"
+        )
+        if self.blocker is not None:
+            await self.blocker
+        return self.relays[destination].batch_answer(
+            content["acknowledge"], content["limit"]
+        )
 
     async def query_notary(
         self, notary: str, server_name: str, timeout_ms: int
@@ -545,8 +575,10 @@ def test_unreachable_relay_is_a_failure_and_the_next_relay_is_still_asked() -> N
     assert stats(collector, "r1")["failures"] == 1
 
 
-def test_relay_that_does_not_delete_is_stopped() -> None:
+@pytest.mark.parametrize("batch", [False, True])
+def test_relay_that_does_not_delete_is_stopped(batch: bool) -> None:
     relay = FakeRelay(txn(1))
+    relay.batch = batch
     relay.forget_acks = True
     collector, hs, _, _ = make(("r1", relay))
     result = run(collector.collect())
@@ -578,6 +610,115 @@ def test_collections_join() -> None:
     assert results[0].processed == 1
     assert relay.requests == [0, 1]
     assert stats(collector)["collections"] == 1
+
+
+# --- batch collect, fetching ahead --------------------------------------------------
+
+
+def test_batch_collect_fetches_ahead_and_feeds_in_order() -> None:
+    count = rc.BATCH_LIMIT + 5
+    relay = batch_relay(*(txn(n) for n in range(1, count + 1)))
+    collector, hs, _, _ = make(("r1", relay))
+    result = run(collector.collect())
+    assert result.processed == count
+    assert [txn_id for _, txn_id, _ in hs.fed] == [
+        f"relayed:t{n}" for n in range(1, count + 1)
+    ]
+    assert relay.entries == {} and relay.requests == []  # no relay_txn at all
+    first = list(range(1, rc.BATCH_LIMIT))
+    assert relay.batch_requests == [
+        ([], rc.BATCH_LIMIT),
+        # while the last entry in hand is processed, the next batch is asked
+        # for, acknowledging only what was processed (it comes back, skipped)
+        (first, rc.BATCH_LIMIT + 1),
+        # the last batch says nothing more remains: a last request acknowledges
+        (list(range(rc.BATCH_LIMIT, count + 1)), rc.BATCH_LIMIT),
+    ]
+    assert relay.acknowledged == list(range(1, count + 1))
+
+
+def test_batch_collect_of_an_empty_mailbox_is_one_request() -> None:
+    relay = batch_relay()
+    collector, hs, _, _ = make(("r1", relay))
+    assert run(collector.collect()).processed == 0
+    assert relay.batch_requests == [([], rc.BATCH_LIMIT)]
+
+
+def test_batch_failure_keeps_acknowledgements_for_the_next_round() -> None:
+    relay = batch_relay(*(txn(n) for n in range(1, rc.BATCH_LIMIT + 3)))
+    collector, hs, _, _ = make(("r1", relay))
+    original = relay.batch_answer
+
+    def batch_answer(acknowledge: list[int], limit: int) -> dict:
+        if acknowledge:  # the request fetching ahead fails
+            relay.fail_next = RelayRequestFailed("r1", "timed out")
+        return original(acknowledge, limit)
+
+    relay.batch_answer = batch_answer  # type: ignore[method-assign]
+    result = run(collector.collect())
+    assert result.processed == rc.BATCH_LIMIT
+    assert result.relays["r1"].error == "batch collect failed: r1: timed out"
+    assert 1 in relay.entries  # nothing acknowledged
+    relay.batch_answer = original  # type: ignore[method-assign]
+    result = run(collector.collect())
+    # every processed entry acknowledged first: none fed twice
+    assert relay.batch_requests[-2][0] == list(range(1, rc.BATCH_LIMIT + 1))
+    assert result.processed == 2
+    assert len(hs.fed) == rc.BATCH_LIMIT + 2
+    assert relay.entries == {}
+
+
+def test_transient_failure_in_a_batch_acknowledges_only_what_was_processed() -> None:
+    relay = batch_relay(txn(1), txn(2), txn(3))
+    collector, hs, _, _ = make(("r1", relay))
+    hs.answers = [(200, {}), (429, {"errcode": "M_UNKNOWN"})]
+    result = run(collector.collect())
+    assert result.processed == 1 and result.relays["r1"].error is not None
+    assert sorted(relay.entries) == [1, 2, 3]
+    assert run(collector.collect()).processed == 2
+    assert relay.batch_requests[1] == ([1], rc.BATCH_LIMIT)
+    assert relay.entries == {}
+
+
+def test_relay_without_batch_endpoint_falls_back_and_is_remembered() -> None:
+    relay = FakeRelay(txn(1), txn(2))
+    collector, hs, _, api = make(("r1", relay))
+    assert run(collector.collect()).processed == 2
+    assert relay.batch_requests == [] and relay.requests == [0, 1, 2]
+    # (FakeRelay records batch requests only when it has the endpoint)
+    relay.add(txn(3))
+    relay.batch = True
+    assert run(collector.collect()).processed == 1
+    assert relay.batch_requests == []  # relay_txn until the recheck
+    api.now += rc.BATCH_RECHECK_MS
+    relay.add(txn(4))
+    assert run(collector.collect()).processed == 1
+    assert relay.batch_requests == [([], rc.BATCH_LIMIT), ([4], rc.BATCH_LIMIT)]
+
+
+def test_parse_batch_answer() -> None:
+    entries, more = inbound.parse_batch_answer(
+        {
+            "entries": [
+                {"entry_id": 3, "transaction": {"a": 1}},
+                {"entry_id": 4, "transaction": {}, "synapse_relay.origin_auth": {}},
+            ],
+            "entries_queued": True,
+        }
+    )
+    assert more and [(e.entry_id, e.origin_auth) for e in entries] == [
+        (3, None),
+        (4, {}),
+    ]
+    for bad in [
+        [],
+        {"entries": {}},
+        {"entries": [], "entries_queued": 1},
+        {"entries": [{"entry_id": 0, "transaction": {}}], "entries_queued": False},
+        {"entries": [{"entry_id": 1}], "entries_queued": False},
+    ]:
+        with pytest.raises(inbound.MalformedAnswer):
+            inbound.parse_batch_answer(bad)
 
 
 # --- keys of offline origins --------------------------------------------------------

@@ -7,6 +7,7 @@ from synapse_relay.protocol import MAX_EDUS, MAX_PDUS
 from synapse_relay.relay import (
     build_transaction,
     destination_of,
+    parse_collect_body,
     parse_entry_id,
     validate_txn_id,
 )
@@ -151,3 +152,39 @@ def test_entry_id(content: object, query: dict, entry_id: int) -> None:
 )
 def test_bad_entry_ids(content: object, query: dict) -> None:
     assert errcode_of(parse_entry_id, content, query) == (400, "M_INVALID_PARAM")
+
+
+@pytest.mark.parametrize(
+    "content, acknowledged, limit",
+    [
+        (None, [], 10),
+        ({}, [], 10),
+        ({"limit": 1, "acknowledge": [3, 1, 3]}, [3, 1], 1),
+        ({"limit": 100}, [], 100),
+        ({"limit": 101}, [], 100),
+        ({"limit": 10**9}, [], 100),
+        ({"acknowledge": list(range(1000))}, list(range(1000)), 10),
+    ],
+)
+def test_collect_body(content: object, acknowledged: list[int], limit: int) -> None:
+    assert parse_collect_body(content) == (acknowledged, limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"limit": 0},
+        {"limit": -1},
+        {"limit": "x"},
+        {"limit": 1.5},
+        {"limit": True},
+        {"limit": None},
+        {"acknowledge": 1},
+        {"acknowledge": ["1"]},
+        {"acknowledge": [-1]},
+        {"acknowledge": [2**63]},
+        {"acknowledge": list(range(1001))},
+    ],
+)
+def test_bad_collect_bodies(content: object) -> None:
+    assert errcode_of(parse_collect_body, content) == (400, "M_INVALID_PARAM")
