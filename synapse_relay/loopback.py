@@ -676,11 +676,23 @@ class PostgresCluster(Service):
                 "--no-sync",
             )
         )
+        self._started = True
+        self.resume(timeout)
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would (`pg_ctl stop --mode=immediate`):
+        clients lose their connections; `resume()` starts it again, data kept."""
+        self._check(
+            self._run("pg_ctl", "stop", f"--pgdata={self.datadir}", "--mode=immediate")
+        )
+
+    def resume(self, timeout: float = 60) -> None:
+        """Start the server on its data directory and wait until it accepts
+        connections."""
         options = (
             f"-h {self.host} -p {self.port} -k {self.root}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
-        self._started = True
         self._check(
             self._run(
                 "pg_ctl",
@@ -696,6 +708,7 @@ class PostgresCluster(Service):
             wait_until(
                 lambda: self._run("pg_isready", *ready).returncode == 0,
                 timeout,
+                interval=0.05,
                 message=f"PostgreSQL on port {self.port} ready",
             )
         except TimeoutError as e:

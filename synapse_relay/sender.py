@@ -15,8 +15,8 @@ How a transaction to a destination with relays goes (`Sender.send`):
    destination speaking: it goes back to Synapse unchanged and is not relayed.
    Connection failures, timeouts, 5xx and 429 count as failed attempts; when all
    of them failed the destination is *down*. A destination that Synapse is already
-   backing off from, and that has not answered since this process started, is down
-   at once.
+   backing off from is tried all the same unless it is known to be down: after a
+   restart, one that answers gets its traffic directly from the first transaction.
    When the attempts have had no answer for `DEPOSIT_AFTER_MS` (a destination that
    accepts TCP but never answers: a sleeping phone, a stale NAT mapping), the
    transaction is deposited *as well*, while the attempts go on (`_Race`): the
@@ -542,8 +542,11 @@ class Sender:
     async def _attempt(self, txn: OutgoingTransaction, first: bool) -> JsonDict:
         """One direct attempt. The first of a transaction respects and feeds
         Synapse's backoff (other requests to a dead server then back off as
-        usual), except for a destination that answered since Synapse started
-        backing off from it; the others are made despite the backoff."""
+        usual), except for a destination not known to be down: one that answered
+        since Synapse started backing off from it, or that we know nothing of
+        since this process started (after a restart, Synapse's backoff says only
+        that it was down before: if it answers now, its traffic goes directly
+        from the first transaction). The others are made despite the backoff."""
         if not first:
             return await self._federation.send_transaction(
                 txn, timeout_ms=DIRECT_TIMEOUT_MS, ignore_backoff=True
@@ -553,7 +556,7 @@ class Sender:
                 txn, timeout_ms=DIRECT_TIMEOUT_MS, ignore_backoff=False
             )
         except BackedOff:
-            if self.destinations.get(txn.destination).reach is not Reach.UP:
+            if self.destinations.is_down(txn.destination):
                 raise
         return await self._federation.send_transaction(
             txn, timeout_ms=DIRECT_TIMEOUT_MS, ignore_backoff=True

@@ -437,15 +437,32 @@ def test_an_answer_from_the_destination_is_never_relayed(code: int) -> None:
     assert run(net.sender.lets_through(B)) is False
 
 
-def test_synapse_backoff_of_an_unknown_destination_means_down() -> None:
+def test_synapse_backoff_of_an_unknown_destination_is_tried_at_once() -> None:
+    # after a restart: Synapse backs off from B, which answers again
     net = Net()
-    net.federation.direct = [backed_off()]
+    net.federation.direct = [backed_off(), {"pdus": {}}]
     assert net.send() == {"pdus": {}}
-    assert net.federation.direct_calls == [("1", False)]
-    assert net.api.sleeps == []
+    assert net.federation.direct_calls == [("1", False), ("1", True)]
+    assert net.state().reach is s.Reach.UP
+    assert net.federation.deposits == []
+
+
+def test_synapse_backoff_of_an_unknown_destination_still_down() -> None:
+    net = Net()
+    net.federation.direct = [backed_off()] + [unreachable()] * 3
+    assert net.send() == {"pdus": {}}
+    assert net.federation.direct_calls == [("1", False)] + [("1", True)] * 3
     assert net.state().reach is s.Reach.DOWN
-    assert net.stats()["direct_failures"] == 0
     assert len(net.federation.deposits) == 2
+
+
+def test_synapse_backoff_of_a_destination_known_down_is_respected() -> None:
+    net = Net()
+    net.sender.destinations.mark_down(B, 0)
+    net.federation.direct = [backed_off()]
+    with pytest.raises(BackedOff):
+        run(net.sender._attempt(net.txn(), first=True))
+    assert net.federation.direct_calls == [("1", False)]
 
 
 def test_synapse_backoff_of_a_destination_that_answered_is_ignored() -> None:
