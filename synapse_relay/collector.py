@@ -105,6 +105,15 @@ PROCESSING_TIMEOUT_MS = 60_000
 # indexed query), then less: this bounds the wait between one transaction's
 # processing and the next fetch, which sets the pace of a collection.
 PROCESSING_POLL_MS = (2,) * 15 + (10, 20, 50, 100, 200, 500)
+# While fed PDUs wait this long in Synapse's staging area, and as often again,
+# Synapse is asked to process its staging area (PDUs left there by a processing
+# that failed, our database being down, would otherwise wait for Synapse's
+# once-a-minute retry).
+PROCESS_STAGED_AFTER_MS = 1_000
+# After a collection that failed while our database did not answer, the database
+# is checked this often, and we collect again as soon as it answers (rather than
+# at the next poll interval).
+DATABASE_CHECK_MS = 500
 # A transaction that fails this many times in a row while our database answers
 # is given up (acknowledged), so that it cannot block the mailbox forever.
 GIVE_UP_AFTER_ATTEMPTS = 10
@@ -171,6 +180,8 @@ class Homeserver(RelayWire, Protocol):
     async def still_staged(
         self, origin: str, event_ids: Collection[str]
     ) -> set[str]: ...
+
+    async def process_staged(self) -> None: ...
 
 
 class _Stop(Exception):
@@ -247,6 +258,9 @@ class Collector:
         self._attempts: dict[tuple[str, str, str], int] = {}
         # (relay, origin) whose notary was asked during this collection
         self._notary_asked: set[tuple[str, str]] = set()
+        # a transient failure of this collection came with our database down
+        self._database_failed = False
+        self._database_check_scheduled = False
 
     async def collect(self) -> CollectionResult:
         """Collect our mail from every relay; join the collection under way if any."""
@@ -261,6 +275,7 @@ class Collector:
     async def _collect_and_wake_waiters(self) -> None:
         result = CollectionResult()
         self._notary_asked.clear()
+        self._database_failed = False
         try:
             for relay in self._config.relays:
                 try:
@@ -279,6 +294,27 @@ class Collector:
                 result.processed,
                 result.rejected,
             )
+        if self._database_failed:
+            self._check_database_soon()
+
+    def _check_database_soon(self) -> None:
+        """Collect again as soon as our database answers."""
+        if self._database_check_scheduled:
+            return
+        self._database_check_scheduled = True
+        self._api.delayed_background_call(
+            DATABASE_CHECK_MS,
+            self._collect_if_database_answers,
+            desc="synapse_relay_database_check",
+        )
+
+    async def _collect_if_database_answers(self) -> None:
+        self._database_check_scheduled = False
+        if not await self._database_answers():
+            self._check_database_soon()
+            return
+        logger.info("Our database answers again: collecting our mail now")
+        await self.collect()
 
     async def _collect_from(self, relay: str) -> RelayCollection:
         """Collect from one relay until its mailbox is empty or something fails."""
@@ -457,6 +493,7 @@ class Collector:
         waiting = set(event_ids)
         waited_ms = 0
         attempt = 0
+        next_kick_ms = PROCESS_STAGED_AFTER_MS
         while waiting:
             try:
                 waiting = await self._hs.still_staged(origin, waiting)
@@ -470,6 +507,14 @@ class Collector:
                     f" {waited_ms} ms",
                     counts_as_attempt=False,
                 )
+            if waited_ms >= next_kick_ms:
+                next_kick_ms += PROCESS_STAGED_AFTER_MS
+                try:
+                    await self._hs.process_staged()
+                except Exception as e:
+                    raise _Stop(
+                        f"processing Synapse's staging area failed: {e!r}"
+                    ) from e
             delay = PROCESSING_POLL_MS[min(attempt, len(PROCESSING_POLL_MS) - 1)]
             attempt += 1
             await self._api.sleep(delay / 1000)
@@ -552,7 +597,10 @@ class Collector:
         self, key: tuple[str, str, str], entry: RelayEntry, stop: _Stop
     ) -> Verdict:
         """Count a transient failure of an entry; give it up after too many."""
-        if not stop.counts_as_attempt or not await self._database_answers():
+        if not stop.counts_as_attempt:
+            raise stop
+        if not await self._database_answers():
+            self._database_failed = True
             raise stop
         attempts = self._attempts.get(key, 0) + 1
         if attempts < GIVE_UP_AFTER_ATTEMPTS:

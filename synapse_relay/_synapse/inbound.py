@@ -16,6 +16,10 @@ from synapse.api.errors import (
 # crypto/keyring.py: verifies and stores a server keys object (see store_notary_keys).
 from synapse.crypto.keyring import BaseV2KeyFetcher
 
+# federation/federation_server.py: the lock under which Synapse processes a room's
+# staged inbound PDUs (see InboundFederation.process_staged).
+from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
+
 # http/matrixfederationclient.py: the pieces of a signed federation request (see
 # InboundFederation.get_with_body).
 from synapse.http.matrixfederationclient import (
@@ -254,6 +258,36 @@ class InboundFederation:
             desc="synapse_relay_still_staged",
         )
         return {row[0] for row in rows}
+
+    async def process_staged(self) -> None:
+        """Make Synapse process the PDUs waiting in its inbound staging area now,
+        rather than at its next once-a-minute retry.
+
+        federation/federation_server.py: `_handle_received_pdu` stages a PDU, then
+        `_process_incoming_pdus_in_room_inner` processes the room's staged PDUs
+        under the room's `federation_inbound_pdu` lock. When that fails (our
+        database went down), the PDUs stay staged until `_handle_old_staged_events`
+        (every minute) takes them up again; it does that for every room whose lock
+        it can take, so calling it does no harm to a room being processed.
+        storage/databases/main/lock.py: a `Lock` whose release failed (the database
+        was down) stays in `LockStore._live_lock_tokens`, its renewal already
+        stopped by `Lock.release`, and this process's `try_acquire_lock` refuses
+        that room until the lock expires (2 minutes): releasing it again finishes
+        the release that failed. A lock still held is never touched (its renewal
+        runs).
+        """
+        store = self._hs.get_datastores().main
+        for (name, _), lock in list(store._live_lock_tokens.items()):
+            renewal = lock._looping_call
+            if (
+                name == _INBOUND_EVENT_HANDLING_LOCK_NAME
+                and renewal is not None
+                and not renewal.running
+                and not lock._dropped
+            ):
+                await lock.release()
+        # (a background process: runs on its own, as Synapse starts it)
+        self._hs.get_federation_server()._handle_old_staged_events()
 
 
 def _errcode(body: str) -> str | None:

@@ -295,6 +295,7 @@ class FakeHomeserver:
         self.notary: dict[str, Any] = {}  # relay -> list of keys, or an exception
         self.stored_notary_keys: list[tuple[str, dict]] = []
         self.blocker: defer.Deferred[None] | None = None
+        self.staged_kicks = 0
 
     async def get_with_body(
         self, destination: str, path: str, content: dict, timeout_ms: int
@@ -361,11 +362,24 @@ class FakeHomeserver:
             return self.staged_polls.pop(0) & set(event_ids)
         return set()
 
+    async def process_staged(self) -> None:
+        self.staged_kicks += 1
+
 
 class FakeApi:
     def __init__(self) -> None:
         self.now = 1_000
         self.slept: list[float] = []
+        self.delayed: list[tuple[int, Any]] = []
+
+    def delayed_background_call(self, msec: int, f: Any, desc: str) -> None:
+        self.delayed.append((msec, f))
+
+    def run_delayed(self) -> None:
+        """Run the calls delayed so far (not those they delay in turn)."""
+        calls, self.delayed = self.delayed, []
+        for _, f in calls:
+            run(f())
 
     def should_run_background_tasks(self) -> bool:
         return True
@@ -461,6 +475,34 @@ def test_processing_timeout_stops_without_acknowledging() -> None:
     assert "has not processed 1 PDUs" in result.relays["r1"].error
     assert relay.requests == [0]
     assert 1 in relay.entries
+
+
+def test_synapse_is_asked_to_process_its_staging_area_while_pdus_wait() -> None:
+    relay = FakeRelay(txn(1))
+    collector, hs, _, _ = make(("r1", relay))
+    hs.staged_polls = [{"$event1"}] * 30  # about 5 s of waiting
+    assert run(collector.collect()).processed == 1
+    assert 3 <= hs.staged_kicks <= 5
+
+
+def test_collects_again_as_soon_as_the_database_answers() -> None:
+    relay = FakeRelay(txn(1))
+    collector, hs, store, api = make(("r1", relay))
+    store.up = False
+    hs.answers = [RuntimeError("connection to the database lost")]
+    assert run(collector.collect()).processed == 0
+    assert [msec for msec, _ in api.delayed] == [c.DATABASE_CHECK_MS]
+    api.run_delayed()  # still down: checked again later, nothing collected
+    assert len(hs.fed) == 1 and len(api.delayed) == 1
+    store.up = True
+    api.run_delayed()
+    assert relay.entries == {}
+    assert api.delayed == []
+    # a failure while the database answers waits for the next poll
+    relay.add(txn(2))
+    hs.answers = [RuntimeError("an EDU handler failed")]
+    assert run(collector.collect()).processed == 0
+    assert api.delayed == []
 
 
 def test_wrong_destination_is_refused_and_acknowledged() -> None:
