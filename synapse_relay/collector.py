@@ -314,6 +314,11 @@ class Collector:
             self._check_database_soon()
             return
         logger.info("Our database answers again: collecting our mail now")
+        try:
+            # What the outage interrupted first, rather than after a wait.
+            await self._hs.process_staged()
+        except Exception:
+            logger.warning("Could not process Synapse's staging area", exc_info=True)
         await self.collect()
 
     async def _collect_from(self, relay: str) -> RelayCollection:

@@ -498,6 +498,7 @@ def test_collects_again_as_soon_as_the_database_answers() -> None:
     api.run_delayed()
     assert relay.entries == {}
     assert api.delayed == []
+    assert hs.staged_kicks == 1
     # a failure while the database answers waits for the next poll
     relay.add(txn(2))
     hs.answers = [RuntimeError("an EDU handler failed")]
