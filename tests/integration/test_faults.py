@@ -248,8 +248,8 @@ def test_relay_database_stopped_under_deposit_load(
             halted = time.monotonic()
             net.r_db.halt()
             time.sleep(OUTAGE_S)  # the outage itself, not a synchronisation
+            resumed = time.monotonic()  # starting it again
             net.r_db.resume()
-            resumed = time.monotonic()
             wait_until(
                 lambda: answered_200_since(resumed + 1),
                 RECOVERY_WITHIN_S + 1,
@@ -268,10 +268,11 @@ def test_relay_database_stopped_under_deposit_load(
         f"\nrelay database down {resumed - halted:.1f} s under load:"
         f" {len(results)} deposits, {len(failed)} not 200"
         f" ({dict(Counter(d.code for d in failed))}); deposits answered 200 again"
-        f" {recovered - resumed:.2f} s after the database was back"
+        f" {recovered - resumed:.2f} s after it was started again"
     )
     assert all(500 <= d.code < 600 for d in failed), Counter(d.code for d in failed)
     assert all(halted <= d.answered and d.sent <= recovered for d in failed)
+    assert recovered - resumed < RECOVERY_WITHIN_S
     # Nothing answered 200 is lost, and each origin's entries come in order.
     collected = collect_all(owner, net.r)
     for index, origin in enumerate(origins):
