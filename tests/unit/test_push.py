@@ -260,3 +260,38 @@ def test_scan_wakes_destinations_with_proven_entries() -> None:
     run(h.pusher.scan())
     assert h.store.entries == [entry(3, False, "d")]
     assert ("probe", "d") not in h.federation.calls
+
+
+class BackgroundApi(FakeApi):
+    def __init__(self, runs_background_tasks: bool) -> None:
+        super().__init__()
+        self._background = runs_background_tasks
+        self.looping: list[tuple[object, int]] = []
+
+    def should_run_background_tasks(self) -> bool:
+        return self._background
+
+    def looping_background_call(self, f: object, msec: int, desc: str) -> None:
+        self.looping.append((f, msec))
+
+
+@pytest.mark.parametrize(
+    "push, background, started",
+    [(True, True, True), (False, True, False), (True, False, False)],
+)
+def test_only_the_background_tasks_instance_pushes(
+    push: bool, background: bool, started: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(p, "OutboundFederation", lambda api: FakeFederation())
+    api = BackgroundApi(background)
+    store = FakeStore()
+    pusher = p.start_pusher(
+        RelayConfig(push=push),
+        store,  # type: ignore[arg-type]
+        store.acknowledge,
+        api,  # type: ignore[arg-type]
+    )
+    assert (pusher is not None) is started
+    assert len(api.looping) == int(started)
+    if pusher is not None:
+        assert api.looping == [(pusher.scan, p.SCAN_INTERVAL_MS)]
