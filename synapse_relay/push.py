@@ -314,7 +314,7 @@ class Pusher:
             return
         assert state.due_ms is not None
         self._api.delayed_background_call(
-            state.due_ms - self._now(),
+            max(0, state.due_ms - self._now()),
             self._run,
             destination,
             desc="synapse_relay_push",
