@@ -156,6 +156,18 @@ def _delivery_rows(result: dict[str, Any]) -> list[Row]:
             "",
             False,
         ),
+        Row(
+            "3+",
+            f"Pure collect cost with batch collect (as B's collector): the same"
+            f" {count} transactions fetched from R, no processing",
+            f"{collect['batch_per_second']:.0f} txn/s"
+            f" ({collect['batch_seconds']:.2f} s)",
+            f"relay_txn: {collect['per_second']:.0f} txn/s"
+            f" ({collect['seconds']:.2f} s)",
+            collect["batch_seconds"] / collect["seconds"],
+            "",
+            False,
+        ),
     ]
 
 
