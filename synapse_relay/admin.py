@@ -18,11 +18,10 @@ from synapse.module_api import (
     JsonDict,
     ModuleApi,
     SynapseRequest,
-    parse_json_object_from_request,
 )
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import is_valid_server_name
+from synapse_relay._synapse import is_valid_server_name, read_json_object
 from synapse_relay.collector import Collector
 from synapse_relay.config import SendConfig
 from synapse_relay.sender import Sender, relays_of
@@ -143,7 +142,7 @@ class RelaysEndpoint:
     ) -> tuple[int, JsonDict]:
         self._check_destination(destination)
         relays = parse_relays(
-            parse_json_object_from_request(request), destination, self._server_name
+            read_json_object(request) or {}, destination, self._server_name
         )
         await self._store.set_send_relays(destination, relays)
         self._changed(destination)

@@ -17,6 +17,8 @@ from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from typing import Any
 
 import attr
+from canonicaljson import encode_canonical_json
+from synapse.api.errors import Codes, SynapseError
 
 # config/_base.py: how Synapse reads its configuration files (see
 # background_tasks_instance).
@@ -25,7 +27,12 @@ from synapse.config._base import read_config_files
 # logging/context.py: Deferreds awaited through make_deferred_yieldable must be fired
 # from the sentinel logcontext (see fire_in_sentinel_context).
 from synapse.logging.context import PreserveLoggingContext
-from synapse.module_api import JsonDict, ModuleApi
+from synapse.module_api import (
+    JsonDict,
+    ModuleApi,
+    SynapseRequest,
+    parse_json_object_from_request,
+)
 
 # synapse/storage/engines: the engine class tells SQLite and PostgreSQL apart.
 from synapse.storage.engines import PostgresEngine
@@ -44,6 +51,35 @@ def is_valid_server_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def read_json_object(request: SynapseRequest) -> JsonDict | None:
+    """The request's JSON object body, None if it has none; else 400.
+
+    Every body the module reads comes through here. Synapse's parser
+    (http/servlet.py, `parse_json_object_from_request`) refuses what is not JSON
+    or not an object, and NaN/Infinity literals; it accepts numbers and strings
+    that canonical JSON cannot encode (1e400 parses as infinity, "\\ud800" as a
+    lone surrogate), which then fail wherever Synapse encodes the body: checking
+    its X-Matrix signature (federation/transport/server/_base.py) answers 500.
+    So the body must also encode as canonical JSON here.
+    """
+    assert request.content is not None
+    request.content.seek(0)
+    if not request.content.read(1):
+        return None
+    request.content.seek(0)
+    content = parse_json_object_from_request(request)
+    try:
+        encode_canonical_json(content)
+    except (ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        reason = e.reason if isinstance(e, UnicodeEncodeError) else str(e)
+        raise SynapseError(
+            400,
+            f"The request body cannot be encoded as canonical JSON: {reason}",
+            Codes.BAD_JSON,
+        ) from e
+    return content
 
 
 def keyed_lock(api: ModuleApi, name: str) -> Callable[[str], AsyncContextManager[None]]:

@@ -23,11 +23,9 @@ from synapse.federation.transport.server._base import (
     NoAuthenticationError,
 )
 from synapse.http.server import HttpServer
-from synapse.module_api import (
-    JsonDict,
-    SynapseRequest,
-    parse_json_object_from_request,
-)
+from synapse.module_api import JsonDict, SynapseRequest
+
+from synapse_relay._synapse import read_json_object
 
 SERVLET_GROUP = "synapse_relay"
 
@@ -96,7 +94,7 @@ class _EndpointServlet(BaseFederationServlet):
         async def serve(
             request: SynapseRequest, **path_args: str
         ) -> tuple[int, JsonDict]:
-            content = _read_json_body(request)
+            content = read_json_object(request)
             origin, content = await self._authenticate(request, content)
             with self.ratelimiter.ratelimit(origin) as wait:
                 await wait
@@ -116,12 +114,6 @@ class _EndpointServlet(BaseFederationServlet):
         try:
             origin = await self.authenticator.authenticate_request(request, content)
             return origin, content
-        except UnicodeEncodeError as e:
-            # Checking the signature encodes the body as canonical JSON, which
-            # fails (a 500 in Synapse) for JSON escapes of lone surrogates.
-            raise SynapseError(
-                400, f"Invalid Unicode in the request body: {e.reason}", Codes.BAD_JSON
-            ) from e
         except NoAuthenticationError:
             raise
         except SynapseError as e:
@@ -136,13 +128,3 @@ class _EndpointServlet(BaseFederationServlet):
                 Codes.UNAUTHORIZED,
             )
         return origin, None
-
-
-def _read_json_body(request: SynapseRequest) -> JsonDict | None:
-    """The request's JSON object body, None if it has none; 400 if it is not one."""
-    assert request.content is not None
-    request.content.seek(0)
-    if not request.content.read(1):
-        return None
-    request.content.seek(0)
-    return parse_json_object_from_request(request)

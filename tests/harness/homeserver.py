@@ -2,10 +2,13 @@
 created on a database backend and all stopped together."""
 
 import re
+import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import psycopg2
 
 from synapse_relay.loopback import (
     DEFAULT_PASSWORD,
@@ -32,6 +35,7 @@ __all__ = [
     "WorkerSpec",
     "free_port",
     "log_problems",
+    "select",
     "tail",
     "wait_until",
 ]
@@ -52,6 +56,31 @@ def log_problems(homeserver: Homeserver) -> list[str]:
     """The lines of `homeserver`'s log that a healthy homeserver never logs."""
     with homeserver.log_path.open(encoding="utf-8", errors="replace") as log:
         return [line.rstrip("\n") for line in log if _PROBLEM.search(line)]
+
+
+def select(homeserver: Homeserver, statement: str, *params: Any) -> list[tuple]:
+    """The rows of a query (`?` placeholders) on `homeserver`'s database, read
+    directly, beside the running homeserver."""
+    if homeserver.database is None:
+        connection = sqlite3.connect(homeserver.workdir / "homeserver.db")
+        try:
+            return connection.execute(statement, params).fetchall()
+        finally:
+            connection.close()
+    args = homeserver.database["args"]
+    with (
+        psycopg2.connect(
+            host=args["host"],
+            port=args["port"],
+            user=args["user"],
+            dbname=args["database"],
+        ) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(statement.replace("?", "%s"), params)
+        rows: list[tuple] = cursor.fetchall()
+    connection.close()
+    return rows
 
 
 DatabaseFactory = Callable[[], dict[str, Any] | None]
