@@ -368,7 +368,8 @@ def run(ctx: Context) -> dict[str, Any]:
     signer = FakeServer(ctx.cert)
     with a.signing_key_path.open("w") as f:
         write_signing_keys(f, [signer.signing_key])
-    r.module_config = {"relay": {"enabled": True, "destinations": ["*"]}}
+    # push off: R must not deliver to B itself, what is measured is B collecting
+    r.module_config = {"relay": {"enabled": True, "destinations": ["*"], "push": False}}
     b.module_config = {"receive": {"relays": [r.server_name], "poll_interval": "1h"}}
     mailbox: FakeServer | None = None
     try:
