@@ -54,6 +54,7 @@ from bench.profiling import profiled
 from synapse_relay.demo import Scenario
 from synapse_relay.loopback import Homeserver
 from synapse_relay.protocol import send_relay_path
+from synapse_relay.store import stored_txn_json
 from tests.harness.fedclient import FakeServer
 
 TEXT = "delivery benchmark message {number}"
@@ -121,10 +122,11 @@ def _benchmark_messages(transaction: dict[str, Any]) -> int:
 def deposited_messages(relay: Homeserver, destination: str) -> int:
     with sqlite_reader(relay) as db:
         rows = db.execute(
-            "SELECT txn_json FROM synapse_relay_entries WHERE destination = ?",
+            "SELECT txn_json, txn_compressed FROM synapse_relay_entries"
+            " WHERE destination = ?",
             (destination,),
         ).fetchall()
-    return sum(_benchmark_messages(json.loads(row[0])) for row in rows)
+    return sum(_benchmark_messages(json.loads(stored_txn_json(*row))) for row in rows)
 
 
 def take_entries(relay: Homeserver, destination: str) -> list[dict[str, Any]]:
@@ -134,7 +136,7 @@ def take_entries(relay: Homeserver, destination: str) -> list[dict[str, Any]]:
     try:
         with connection:
             rows = connection.execute(
-                "SELECT txn_json, size FROM synapse_relay_entries"
+                "SELECT txn_json, txn_compressed, size FROM synapse_relay_entries"
                 " WHERE destination = ? ORDER BY entry_id",
                 (destination,),
             ).fetchall()
@@ -145,11 +147,11 @@ def take_entries(relay: Homeserver, destination: str) -> list[dict[str, Any]]:
             connection.execute(
                 "UPDATE synapse_relay_queues SET transactions = transactions - ?,"
                 " bytes = bytes - ? WHERE destination = ?",
-                (len(rows), sum(size for _, size in rows), destination),
+                (len(rows), sum(size for _, _, size in rows), destination),
             )
     finally:
         connection.close()
-    return [json.loads(txn_json) for txn_json, _ in rows]
+    return [json.loads(stored_txn_json(text, packed)) for text, packed, _ in rows]
 
 
 def _database_files(homeserver: Homeserver) -> list[Path]:

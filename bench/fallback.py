@@ -35,6 +35,7 @@ from bench.common import (
 )
 from synapse_relay.demo import Scenario, User
 from synapse_relay.loopback import SilentListener
+from synapse_relay.store import stored_txn_json
 
 # How long one message may take to show up (the first message of case (b) took
 # A's direct attempts' timeouts, 3 x 10 s, before deposits went on after 1 s).
@@ -118,10 +119,13 @@ def run(ctx: Context) -> dict[str, Any]:
                 ).fetchone()
                 return row is not None
 
+            # R stores transactions compressed: read them as R does.
+            r_db.create_function("txn_json", 2, stored_txn_json, deterministic=True)
+
             def on_r(text: str, event_id: str) -> bool:
                 row = r_db.execute(
-                    "SELECT 1 FROM synapse_relay_entries"
-                    " WHERE destination = ? AND instr(txn_json, ?) > 0",
+                    "SELECT 1 FROM synapse_relay_entries WHERE destination = ?"
+                    " AND instr(txn_json(txn_json, txn_compressed), ?) > 0",
                     (scenario.b.server_name, text),
                 ).fetchone()
                 return row is not None

@@ -4,7 +4,8 @@ a million deposits through the API would take an hour.
 
 Every entry is a realistic transaction (`bench.common.realistic_transaction`)
 with its own origin, transaction id and destination, rendered from one template
-so that a million of them cost seconds, not minutes, to build.
+so that a million of them cost seconds, not minutes, to build, and stored as the
+relay stores it (compressed, `synapse_relay.compression`).
 """
 
 import io
@@ -19,11 +20,15 @@ import psycopg2
 from canonicaljson import encode_canonical_json
 
 from bench.common import BenchError, realistic_transaction, sqlite_path
+from synapse_relay import compression
 from synapse_relay.loopback import Homeserver
 
 BATCH = 20_000
 ORIGINS = 16
 _MARKS = {"origin": "ORIGIN\x01", "destination": "DEST\x01", "txn_id": "TXNID\x01"}
+# The columns of an entry that `backlog_rows` gives, in order.
+COLUMNS = "destination, origin, txn_id, received_ts, size, txn_json, txn_compressed"
+Row = tuple[str, str, str, int, int, str, bytes]
 
 
 @dataclass
@@ -68,12 +73,10 @@ def _template(now_ms: int) -> str:
     return text
 
 
-def backlog_rows(
-    count: int, destinations: int, now_ms: int
-) -> Iterator[tuple[str, str, str, int, int, str]]:
-    """(destination, origin, txn_id, received_ts, size, txn_json) of `count`
-    entries spread evenly over `destinations` destinations, oldest first, all
-    received within the last `count` milliseconds (well inside any retention)."""
+def backlog_rows(count: int, destinations: int, now_ms: int) -> Iterator[Row]:
+    """The `COLUMNS` of `count` entries spread evenly over `destinations`
+    destinations, oldest first, all received within the last `count`
+    milliseconds (well inside any retention)."""
     template = _template(now_ms)
     for number in range(count):
         destination = f"backlog{number % destinations:05d}.invalid"
@@ -88,7 +91,8 @@ def backlog_rows(
             txn_id,
             now_ms - count + number,
             len(txn_json),
-            txn_json,
+            "",
+            compression.compress(txn_json),
         )
 
 
@@ -118,14 +122,13 @@ def seed_sqlite(
         connection.execute("PRAGMA cache_size = -262144")
         counts: Counter[str] = Counter()
         sizes: Counter[str] = Counter()
-        batch: list[tuple[str, str, str, int, int, str]] = []
+        batch: list[Row] = []
 
         def flush() -> None:
             connection.execute("BEGIN")
             connection.executemany(
-                "INSERT INTO synapse_relay_entries"
-                " (destination, origin, txn_id, received_ts, size, txn_json)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO synapse_relay_entries ({COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
             connection.execute("COMMIT")
@@ -183,7 +186,7 @@ class _CopyStream(io.RawIOBase):
                 row = next(self._rows)
             except StopIteration:
                 break
-            line = ("\t".join(str(v) for v in row) + "\n").encode("utf-8")
+            line = ("\t".join(_copy_text(v) for v in row) + "\n").encode("utf-8")
             parts.append(line)
             length += len(line)
         data = b"".join(parts)
@@ -191,6 +194,11 @@ class _CopyStream(io.RawIOBase):
             size = len(data)
         chunk, self._buffer = data[:size], data[size:]
         return chunk
+
+
+def _copy_text(value: Any) -> str:
+    """A value in COPY's text format (bytes as BYTEA hex, its backslash escaped)."""
+    return "\\\\x" + value.hex() if isinstance(value, bytes) else str(value)
 
 
 def _connect(relay: Homeserver) -> Any:
@@ -225,9 +233,7 @@ def seed_postgres(
             cursor.execute("SELECT pg_total_relation_size('synapse_relay_entries')")
             (before,) = cursor.fetchone()
             cursor.copy_expert(
-                "COPY synapse_relay_entries"
-                " (destination, origin, txn_id, received_ts, size, txn_json)"
-                " FROM STDIN",
+                f"COPY synapse_relay_entries ({COLUMNS}) FROM STDIN",
                 _CopyStream(counted()),
                 size=1 << 20,
             )

@@ -20,11 +20,7 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import (
-    is_valid_server_name,
-    keyed_lock,
-    verify_signed_by,
-)
+from synapse_relay._synapse import is_valid_server_name, verify_signed_by
 from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import RelayConfig
 from synapse_relay.proof import (
@@ -297,20 +293,13 @@ class Relay:
             max_transactions=config.max_transactions_per_destination,
             max_bytes=config.max_bytes_per_destination,
         )
-        # Deposits and acknowledgements of one destination all update its totals
-        # row: done concurrently, PostgreSQL (REPEATABLE READ) fails all but one
-        # with serialization errors, and Synapse's few retries do not suffice
-        # under load. One at a time per destination in this process, they commit
-        # one after another.
-        self.queue_lock = keyed_lock(api, "synapse_relay_queue")
         # Delivers proven entries itself, on the process that runs background tasks.
         self.pusher: Pusher | None = None
 
     async def acknowledge(self, destination: str, entry_id: int) -> bool:
         """Delete an entry of `destination` (delivered by push.py) as its owner's
         acknowledgement does; whether it was still there."""
-        async with self.queue_lock(destination):
-            return await self.store.acknowledge(destination, entry_id)
+        return await self.store.acknowledge(destination, entry_id)
 
     def owned_mailbox(self, origin: str, user_id: str) -> str:
         """The destination whose mail `user_id` names, if `origin` owns it: 400 for
@@ -375,20 +364,17 @@ class SendRelayEndpoint:
         # Cannot fail: authentication already encoded the body canonically.
         txn_json = encode_canonical_json(transaction).decode("utf-8")
         try:
-            async with relay.queue_lock(destination):
-                deposit = await relay.store.deposit(
-                    NewEntry(
-                        origin=origin,
-                        txn_id=txn_id,
-                        destination=destination,
-                        txn_json=txn_json,
-                        received_ms=now_ms,
-                        origin_auth=None
-                        if proof is None
-                        else json.dumps(proof.to_json()),
-                    ),
-                    relay.quota,
-                )
+            deposit = await relay.store.deposit(
+                NewEntry(
+                    origin=origin,
+                    txn_id=txn_id,
+                    destination=destination,
+                    txn_json=txn_json,
+                    received_ms=now_ms,
+                    origin_auth=None if proof is None else json.dumps(proof.to_json()),
+                ),
+                relay.quota,
+            )
         except QuotaExceeded as e:
             relay.stats.inc("deposits_refused")
             logger.warning("Refused deposit %s from %s: %s", txn_id, origin, e)
@@ -492,10 +478,9 @@ class RelayTxnEndpoint:
         relay = self._relay
         destination = relay.owned_mailbox(origin, user_id)
         acknowledged = parse_entry_id(content, query)
-        async with relay.queue_lock(destination):
-            collected = await relay.store.acknowledge_and_get_oldest(
-                destination, acknowledged
-            )
+        collected = await relay.store.acknowledge_and_get_oldest(
+            destination, acknowledged
+        )
         relay.stats.inc("collects")
         if collected.acknowledged:
             relay.stats.inc("acknowledged")
@@ -565,10 +550,9 @@ class CollectEndpoint:
         relay = self._relay
         destination = relay.owned_mailbox(origin, user_id)
         acknowledged, limit = parse_collect_body(content)
-        async with relay.queue_lock(destination):
-            batch = await relay.store.acknowledge_and_get_batch(
-                destination, acknowledged, limit, COLLECT_MAX_BYTES
-            )
+        batch = await relay.store.acknowledge_and_get_batch(
+            destination, acknowledged, limit, COLLECT_MAX_BYTES
+        )
         relay.stats.inc("collects")
         if batch.acknowledged:
             relay.stats.inc("acknowledged", amount=batch.acknowledged)

@@ -11,6 +11,16 @@ The relay queue is two tables:
   the same database transaction as the entries, so that quotas cost one indexed
   lookup however many entries are queued.
 
+Deposits are committed in groups (group_commit.py): one database transaction for
+the deposits that arrived while the previous one committed.
+
+Several processes (Synapse workers) may serve the relay endpoints, so nothing here
+relies on a lock in this process. The functions that change entries run at READ
+COMMITTED on PostgreSQL (`run_read_committed`) and first lock the totals row of
+each destination they change (`_lock_queues`, in sorted order, so two transactions
+never wait for each other): changes of one destination's queue take turns across
+all processes, and no serialization failure can happen.
+
 The send role keeps one table (schema version 2):
 
 - `synapse_relay_send_relays`: the relays of a destination set through the admin
@@ -31,28 +41,38 @@ The key mailbox of the relay role keeps two tables (schema version 4, keys.py):
 Schema version 5 adds the partial index `synapse_relay_entries_proven` on the proven
 entries (destination, entry_id), which the relay's pusher reads in entry order.
 
-All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. PostgreSQL runs
-these functions at REPEATABLE READ and retries them on serialization failures, so
-they have no side effects beyond the database.
+
+Since schema version 6 an entry's transaction is stored compressed in
+`txn_compressed` (see compression.py) and `txn_json` is empty; entries written
+before keep their `txn_json` and are read as they are. `size` is always the
+uncompressed size: quotas count transaction JSON, not what it costs on disk.
+
+All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. Synapse
+retries these functions on deadlocks and (at REPEATABLE READ, its default)
+serialization failures, so they have no side effects beyond the database.
 """
 
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import attr
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
+from synapse_relay import compression
 from synapse_relay._synapse import fire_in_sentinel_context, is_postgres
+from synapse_relay._synapse.database import LoggingTransaction, run_read_committed
+from synapse_relay.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 PURGE_BATCH = 1000
+# Deposits committed in one database transaction at most.
+DEPOSIT_BATCH = 100
 
 # The SQL condition of a proven entry (the relay's pusher reads only those).
 _PROVEN = "AND origin_auth IS NOT NULL"
@@ -131,6 +151,11 @@ def _schema_v5(postgres: bool) -> list[str]:
     ]
 
 
+def _schema_compressed(postgres: bool) -> list[str]:
+    blob = "BYTEA" if postgres else "BLOB"
+    return [f"ALTER TABLE synapse_relay_entries ADD COLUMN txn_compressed {blob}"]
+
+
 # version -> the statements that bring the schema from version - 1 to it
 _MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
     1: _schema_v1,
@@ -138,6 +163,7 @@ _MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
     3: _schema_v3,
     4: _schema_v4,
     5: _schema_v5,
+    6: _schema_compressed,
 }
 
 
@@ -245,6 +271,9 @@ class RelayStore:
         self._api = api
         self._schema_ready = False
         self._schema_waiters: list[defer.Deferred[Exception | None]] = []
+        self._deposits: GroupCommit[tuple[NewEntry, Quota], Deposit] = GroupCommit(
+            api, "synapse_relay_deposits", self._commit_deposits, DEPOSIT_BATCH
+        )
 
     async def ensure_schema(self) -> None:
         """Create or migrate the tables once per process; callers wait for it."""
@@ -277,10 +306,16 @@ class RelayStore:
         fire_in_sentinel_context(waiters, error)
 
     async def deposit(self, entry: NewEntry, quota: Quota) -> Deposit:
-        """Store a transaction once, in one commit; QuotaExceeded if it does not fit."""
+        """Store a transaction once, committed when this returns (with the other
+        deposits of its group); QuotaExceeded if it does not fit."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
-            "synapse_relay_deposit", _deposit_txn, entry, quota
+        return await self._deposits.submit((entry, quota))
+
+    async def _commit_deposits(
+        self, deposits: Sequence[tuple[NewEntry, Quota]]
+    ) -> list[Deposit | QuotaExceeded]:
+        return await run_read_committed(
+            self._api, "synapse_relay_deposit", _deposit_batch_txn, deposits
         )
 
     async def acknowledge_and_get_oldest(
@@ -289,7 +324,8 @@ class RelayStore:
         """Delete the acknowledged entry (if it is this destination's), in the same
         commit return the destination's oldest remaining entry."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
+        return await run_read_committed(
+            self._api,
             "synapse_relay_collect",
             _acknowledge_and_get_oldest_txn,
             destination,
@@ -300,8 +336,12 @@ class RelayStore:
         """Delete entry `entry_id` if it is `destination`'s, as its owner's
         acknowledgement does; whether it was there."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
-            "synapse_relay_acknowledge", _acknowledge_txn, destination, entry_id
+        return await run_read_committed(
+            self._api,
+            "synapse_relay_acknowledge",
+            _acknowledge_txn,
+            destination,
+            entry_id,
         )
 
     async def oldest_proven_entry(self, destination: str) -> Entry | None:
@@ -327,7 +367,8 @@ class RelayStore:
         commit return its oldest remaining entries: at most `limit`, whose
         transactions add up to at most `max_bytes` (the first one always)."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
+        return await run_read_committed(
+            self._api,
             "synapse_relay_collect_batch",
             _acknowledge_and_get_batch_txn,
             destination,
@@ -345,8 +386,12 @@ class RelayStore:
         await self.ensure_schema()
         purged = 0
         while True:
-            batch = await self._api.run_db_interaction(
-                "synapse_relay_purge", _purge_batch_txn, before_ms, PURGE_BATCH
+            batch = await run_read_committed(
+                self._api,
+                "synapse_relay_purge",
+                _purge_batch_txn,
+                before_ms,
+                PURGE_BATCH,
             )
             purged += batch
             if batch < PURGE_BATCH:
@@ -441,7 +486,7 @@ class RelayStore:
         await self._api.run_db_interaction("synapse_relay_ping", _ping_txn)
 
 
-def _create_or_migrate_schema_txn(txn: Any) -> None:
+def _create_or_migrate_schema_txn(txn: LoggingTransaction) -> None:
     txn.execute(
         "CREATE TABLE IF NOT EXISTS synapse_relay_schema_version"
         " (version INTEGER NOT NULL)"
@@ -470,66 +515,127 @@ def _create_or_migrate_schema_txn(txn: Any) -> None:
         )
 
 
-def _deposit_txn(txn: Any, entry: NewEntry, quota: Quota) -> Deposit:
-    destination = entry.destination
-    txn.execute(
-        "SELECT entry_id FROM synapse_relay_entries"
-        " WHERE origin = ? AND txn_id = ? AND destination = ?",
-        (entry.origin, entry.txn_id, destination),
-    )
-    row = txn.fetchone()
-    if row is not None:
-        return Deposit(entry_id=row[0], duplicate=True)
+def _lock_queues(
+    txn: LoggingTransaction, destinations: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """Lock the totals rows of `destinations` (created empty if absent) until the
+    end of the transaction, in sorted order; their (transactions, bytes).
 
-    size = len(entry.txn_json.encode("utf-8"))
-    txn.execute(
-        "SELECT transactions, bytes FROM synapse_relay_queues WHERE destination = ?",
-        (destination,),
+    On PostgreSQL at READ COMMITTED, `ON CONFLICT DO UPDATE` locks the row, waiting
+    for a transaction of another process that holds it, and returns its committed
+    values. SQLite has one writer at a time.
+    """
+    totals = {}
+    for destination in sorted(set(destinations)):
+        txn.execute(
+            "INSERT INTO synapse_relay_queues (destination, transactions, bytes)"
+            " VALUES (?, 0, 0) ON CONFLICT (destination) DO UPDATE SET"
+            " transactions = synapse_relay_queues.transactions"
+            " RETURNING transactions, bytes",
+            (destination,),
+        )
+        row = txn.fetchone()
+        assert row is not None  # RETURNING of an upsert
+        totals[destination] = (row[0], row[1])
+    return totals
+
+
+def _deposit_batch_txn(
+    txn: LoggingTransaction, deposits: Sequence[tuple[NewEntry, Quota]]
+) -> list[Deposit | QuotaExceeded]:
+    """Store each deposit once, in order (entry ids follow it), each refused on its
+    own when it does not fit its destination's quota."""
+    before = _lock_queues(txn, (entry.destination for entry, _ in deposits))
+    totals = dict(before)
+    outcomes: list[Deposit | QuotaExceeded] = []
+    for entry, quota in deposits:
+        transactions, used = totals[entry.destination]
+        size = len(entry.txn_json.encode("utf-8"))
+        refusal = _quota_refusal(entry.destination, transactions, used, size, quota)
+        entry_id = None if refusal else _insert_entry(txn, entry, size)
+        if entry_id is not None:
+            totals[entry.destination] = (transactions + 1, used + size)
+            outcomes.append(Deposit(entry_id=entry_id, duplicate=False))
+            continue
+        # Refused or already stored: a transaction already stored is a duplicate,
+        # accepted whatever the quota says.
+        stored = _stored_entry_id(txn, entry)
+        if stored is not None:
+            outcomes.append(Deposit(entry_id=stored, duplicate=True))
+        else:
+            assert refusal is not None  # else the insert stored it
+            outcomes.append(refusal)
+    txn.execute_batch(
+        "UPDATE synapse_relay_queues SET transactions = ?, bytes = ?"
+        " WHERE destination = ?",
+        [
+            (transactions, used, destination)
+            for destination, (transactions, used) in totals.items()
+            if (transactions, used) != before[destination]
+        ],
     )
-    transactions, used = txn.fetchone() or (0, 0)
+    return outcomes
+
+
+def _quota_refusal(
+    destination: str, transactions: int, used: int, size: int, quota: Quota
+) -> QuotaExceeded | None:
     if transactions + 1 > quota.max_transactions:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             f"{destination} already has {transactions} transactions queued"
             f" (max_transactions_per_destination is {quota.max_transactions})"
         )
     if used + size > quota.max_bytes:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             f"{destination} already has {used} bytes queued and this transaction has"
             f" {size} (max_bytes_per_destination is {quota.max_bytes})"
         )
+    return None
 
-    # On PostgreSQL a concurrent identical deposit makes this a serialization
-    # failure, which Synapse retries: the retry then finds the stored entry above.
+
+def _insert_entry(txn: LoggingTransaction, entry: NewEntry, size: int) -> int | None:
+    """The new entry's id; None if this transaction is already stored."""
     txn.execute(
-        "INSERT INTO synapse_relay_entries"
-        " (destination, origin, txn_id, received_ts, size, txn_json, origin_auth)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO synapse_relay_entries (destination, origin, txn_id,"
+        " received_ts, size, txn_json, origin_auth, txn_compressed)"
+        " VALUES (?, ?, ?, ?, ?, '', ?, ?)"
         " ON CONFLICT (origin, txn_id, destination) DO NOTHING"
         " RETURNING entry_id",
         (
-            destination,
+            entry.destination,
             entry.origin,
             entry.txn_id,
             entry.received_ms,
             size,
-            entry.txn_json,
             entry.origin_auth,
+            # Synapse refuses `bytes` parameters on PostgreSQL (engines/postgres.py,
+            # against text passed as bytes by mistake); a memoryview is BYTEA.
+            memoryview(compression.compress(entry.txn_json)),
         ),
     )
-    (entry_id,) = txn.fetchone()
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
+
+
+def _stored_entry_id(txn: LoggingTransaction, entry: NewEntry) -> int | None:
     txn.execute(
-        "INSERT INTO synapse_relay_queues (destination, transactions, bytes)"
-        " VALUES (?, 1, ?)"
-        " ON CONFLICT (destination) DO UPDATE SET"
-        " transactions = synapse_relay_queues.transactions + 1,"
-        " bytes = synapse_relay_queues.bytes + excluded.bytes",
-        (destination, size),
+        "SELECT entry_id FROM synapse_relay_entries"
+        " WHERE origin = ? AND txn_id = ? AND destination = ?",
+        (entry.origin, entry.txn_id, entry.destination),
     )
-    return Deposit(entry_id=entry_id, duplicate=False)
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
+
+
+def stored_txn_json(txn_json: str, txn_compressed: bytes | None) -> str:
+    """The transaction JSON of an entry row, whichever schema version wrote it."""
+    if txn_compressed is None:
+        return txn_json
+    return compression.decompress(bytes(txn_compressed))
 
 
 def _acknowledge_and_get_oldest_txn(
-    txn: Any, destination: str, acknowledged_entry_id: int
+    txn: LoggingTransaction, destination: str, acknowledged_entry_id: int
 ) -> Collected:
     acknowledged = acknowledged_entry_id > 0 and _acknowledge_txn(
         txn, destination, acknowledged_entry_id
@@ -539,9 +645,10 @@ def _acknowledge_and_get_oldest_txn(
     )
 
 
-def _acknowledge_txn(txn: Any, destination: str, entry_id: int) -> bool:
+def _acknowledge_txn(txn: LoggingTransaction, destination: str, entry_id: int) -> bool:
     """Delete exactly this entry, and only if it is this destination's (never a
     range, since entry ids may commit out of order); whether it was there."""
+    _lock_queues(txn, [destination])
     txn.execute(
         "DELETE FROM synapse_relay_entries WHERE entry_id = ? AND destination = ?"
         " RETURNING size",
@@ -554,19 +661,26 @@ def _acknowledge_txn(txn: Any, destination: str, entry_id: int) -> bool:
     return True
 
 
-def _oldest_entry_txn(txn: Any, destination: str, condition: str) -> Entry | None:
+def _oldest_entry_txn(
+    txn: LoggingTransaction, destination: str, condition: str
+) -> Entry | None:
     """The destination's oldest entry, of those meeting the SQL `condition` (which
     starts with AND) if one is given."""
     txn.execute(
-        "SELECT entry_id, txn_json, origin_auth FROM synapse_relay_entries"
+        "SELECT entry_id, txn_json, txn_compressed, origin_auth"
+        " FROM synapse_relay_entries"
         f" WHERE destination = ? {condition} ORDER BY entry_id LIMIT 1",
         (destination,),
     )
     row = txn.fetchone()
-    return None if row is None else Entry(*row)
+    if row is None:
+        return None
+    return Entry(
+        entry_id=row[0], txn_json=stored_txn_json(row[1], row[2]), origin_auth=row[3]
+    )
 
 
-def _destinations_with_proven_entries_txn(txn: Any) -> list[str]:
+def _destinations_with_proven_entries_txn(txn: LoggingTransaction) -> list[str]:
     txn.execute(
         "SELECT q.destination FROM synapse_relay_queues AS q"
         " WHERE q.transactions > 0 AND EXISTS (SELECT 1 FROM synapse_relay_entries AS e"
@@ -577,10 +691,15 @@ def _destinations_with_proven_entries_txn(txn: Any) -> list[str]:
 
 
 def _acknowledge_and_get_batch_txn(
-    txn: Any, destination: str, acknowledged: list[int], limit: int, max_bytes: int
+    txn: LoggingTransaction,
+    destination: str,
+    acknowledged: list[int],
+    limit: int,
+    max_bytes: int,
 ) -> CollectedBatch:
     deleted = 0
     if acknowledged:
+        _lock_queues(txn, [destination])
         # Exactly these entries, and only those of this destination.
         placeholders = ", ".join("?" for _ in acknowledged)
         txn.execute(
@@ -594,24 +713,26 @@ def _acknowledge_and_get_batch_txn(
             _shrink_queue(txn, destination, deleted, sum(sizes))
     # One row more than asked for tells whether more remain.
     txn.execute(
-        "SELECT entry_id, txn_json, origin_auth, size FROM synapse_relay_entries"
-        " WHERE destination = ? ORDER BY entry_id LIMIT ?",
+        "SELECT entry_id, txn_json, txn_compressed, origin_auth, size"
+        " FROM synapse_relay_entries WHERE destination = ? ORDER BY entry_id LIMIT ?",
         (destination, limit + 1),
     )
     rows = txn.fetchall()
     entries: list[Entry] = []
     used = 0
-    for entry_id, txn_json, origin_auth, size in rows[:limit]:
+    for entry_id, txn_json, txn_compressed, origin_auth, size in rows[:limit]:
         if entries and used + size > max_bytes:
             break
-        entries.append(Entry(entry_id, txn_json, origin_auth))
+        entries.append(
+            Entry(entry_id, stored_txn_json(txn_json, txn_compressed), origin_auth)
+        )
         used += size
     return CollectedBatch(
         acknowledged=deleted, entries=entries, more=len(rows) > len(entries)
     )
 
 
-def _queues_txn(txn: Any) -> list[Queue]:
+def _queues_txn(txn: LoggingTransaction) -> list[Queue]:
     txn.execute(
         "SELECT q.destination, q.transactions, q.bytes,"
         " (SELECT e.received_ts FROM synapse_relay_entries AS e"
@@ -624,28 +745,38 @@ def _queues_txn(txn: Any) -> list[Queue]:
     return [Queue(*row) for row in txn.fetchall()]
 
 
-def _purge_batch_txn(txn: Any, before_ms: int, limit: int) -> int:
+def _purge_batch_txn(txn: LoggingTransaction, before_ms: int, limit: int) -> int:
+    oldest = (
+        "SELECT entry_id FROM synapse_relay_entries"
+        " WHERE received_ts < ? ORDER BY received_ts LIMIT ?"
+    )
     txn.execute(
-        "SELECT entry_id, destination, size FROM synapse_relay_entries"
-        " WHERE received_ts < ? ORDER BY received_ts LIMIT ?",
+        "SELECT DISTINCT destination FROM synapse_relay_entries"
+        f" WHERE entry_id IN ({oldest})",
+        (before_ms, limit),
+    )
+    _lock_queues(txn, [destination for (destination,) in txn.fetchall()])
+    # What is deleted, not what was selected: a collector may have acknowledged
+    # some of them meanwhile.
+    txn.execute(
+        f"DELETE FROM synapse_relay_entries WHERE entry_id IN ({oldest})"
+        " RETURNING destination, size",
         (before_ms, limit),
     )
     rows = txn.fetchall()
-    txn.executemany(
-        "DELETE FROM synapse_relay_entries WHERE entry_id = ?",
-        [(entry_id,) for entry_id, _, _ in rows],
-    )
     counts: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
-    for _, destination, size in rows:
+    for destination, size in rows:
         counts[destination] += 1
         sizes[destination] += size
-    for destination, count in counts.items():
-        _shrink_queue(txn, destination, count, sizes[destination])
+    for destination in sorted(counts):
+        _shrink_queue(txn, destination, counts[destination], sizes[destination])
     return len(rows)
 
 
-def _shrink_queue(txn: Any, destination: str, transactions: int, size: int) -> None:
+def _shrink_queue(
+    txn: LoggingTransaction, destination: str, transactions: int, size: int
+) -> None:
     txn.execute(
         "UPDATE synapse_relay_queues SET transactions = transactions - ?,"
         " bytes = bytes - ? WHERE destination = ?",
@@ -653,12 +784,14 @@ def _shrink_queue(txn: Any, destination: str, transactions: int, size: int) -> N
     )
 
 
-def _send_relays_txn(txn: Any) -> dict[str, tuple[str, ...]]:
+def _send_relays_txn(txn: LoggingTransaction) -> dict[str, tuple[str, ...]]:
     txn.execute("SELECT destination, relays FROM synapse_relay_send_relays")
     return {destination: _relay_list(relays) for destination, relays in txn.fetchall()}
 
 
-def _send_relays_for_txn(txn: Any, destination: str) -> tuple[str, ...] | None:
+def _send_relays_for_txn(
+    txn: LoggingTransaction, destination: str
+) -> tuple[str, ...] | None:
     txn.execute(
         "SELECT relays FROM synapse_relay_send_relays WHERE destination = ?",
         (destination,),
@@ -667,7 +800,9 @@ def _send_relays_for_txn(txn: Any, destination: str) -> tuple[str, ...] | None:
     return None if row is None else _relay_list(row[0])
 
 
-def _set_send_relays_txn(txn: Any, destination: str, relays_json: str) -> None:
+def _set_send_relays_txn(
+    txn: LoggingTransaction, destination: str, relays_json: str
+) -> None:
     txn.execute(
         "INSERT INTO synapse_relay_send_relays (destination, relays) VALUES (?, ?)"
         " ON CONFLICT (destination) DO UPDATE SET relays = excluded.relays",
@@ -675,7 +810,7 @@ def _set_send_relays_txn(txn: Any, destination: str, relays_json: str) -> None:
     )
 
 
-def _delete_send_relays_txn(txn: Any, destination: str) -> bool:
+def _delete_send_relays_txn(txn: LoggingTransaction, destination: str) -> bool:
     txn.execute(
         "DELETE FROM synapse_relay_send_relays WHERE destination = ?", (destination,)
     )
@@ -686,13 +821,20 @@ def _relay_list(relays_json: str) -> tuple[str, ...]:
     return tuple(str(relay) for relay in json.loads(relays_json))
 
 
-def _ping_txn(txn: Any) -> None:
+def _count(txn: LoggingTransaction) -> int:
+    """The result of the `SELECT COUNT(*) ...` just executed."""
+    row = txn.fetchone()
+    assert row is not None  # COUNT(*) always has a row
+    return int(row[0])
+
+
+def _ping_txn(txn: LoggingTransaction) -> None:
     txn.execute("SELECT 1")
     txn.fetchall()
 
 
 def _store_key_snapshots_txn(
-    txn: Any,
+    txn: LoggingTransaction,
     server_name: str,
     snapshots: list[KeySnapshot],
     keys: list[EscrowedKey],
@@ -734,7 +876,7 @@ def _store_key_snapshots_txn(
         "SELECT COUNT(*) FROM synapse_relay_key_snapshots WHERE server_name = ?",
         (server_name,),
     )
-    (users,) = txn.fetchone()
+    users = _count(txn)
     if users > quota.max_users:
         raise QuotaExceeded(
             f"{server_name} would have keys of {users} users here, at most"
@@ -762,7 +904,7 @@ def _store_key_snapshots_txn(
             " WHERE server_name = ? AND user_id = ? AND device_id = ?",
             (server_name, user_id, device_id),
         )
-        (stock,) = txn.fetchone()
+        stock = _count(txn)
         if stock > quota.max_stock_per_device:
             raise QuotaExceeded(
                 f"{user_id}'s device {device_id} would have {stock} one-time keys in"
@@ -772,7 +914,7 @@ def _store_key_snapshots_txn(
 
 
 def _key_snapshots_txn(
-    txn: Any, server_name: str, user_ids: list[str] | None
+    txn: LoggingTransaction, server_name: str, user_ids: list[str] | None
 ) -> dict[str, str]:
     if user_ids is None:
         txn.execute(
@@ -794,12 +936,14 @@ def _key_snapshots_txn(
     return result
 
 
-def _key_holdings_txn(txn: Any, server_name: str) -> tuple[dict[str, int], Stock]:
+def _key_holdings_txn(
+    txn: LoggingTransaction, server_name: str
+) -> tuple[dict[str, int], Stock]:
     txn.execute(
         "SELECT user_id, ts FROM synapse_relay_key_snapshots WHERE server_name = ?",
         (server_name,),
     )
-    users = dict(txn)
+    users: dict[str, int] = dict(txn.fetchall())
     txn.execute(
         "SELECT user_id, device_id, algorithm, COUNT(*) FROM synapse_relay_key_stock"
         " WHERE server_name = ? GROUP BY user_id, device_id, algorithm",
@@ -812,7 +956,7 @@ def _key_holdings_txn(txn: Any, server_name: str) -> tuple[dict[str, int], Stock
 
 
 def _claim_escrowed_keys_txn(
-    txn: Any, server_name: str, wanted: list[tuple[str, str, str]]
+    txn: LoggingTransaction, server_name: str, wanted: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], tuple[str, str]]:
     # On PostgreSQL (REPEATABLE READ) a row a concurrent claim locked is skipped,
     # and one it deleted since this transaction began makes the DELETE below a

@@ -561,6 +561,57 @@ def test_concurrent_deposits_and_collects_of_one_destination(net: Relays) -> Non
     assert collect_all(net.bob, net.main) == []
 
 
+def test_group_commit_under_concurrency(net: Relays) -> None:
+    """Deposits in flight at once are committed in groups, each answered on its
+    own: on `main`, four origins deposit in order for two destinations, each
+    deposit sent twice at once (all 200, each stored once, FIFO per origin); on
+    `strict` (3 transactions), 12 at once (exactly 3 answered 200, the others 507,
+    and a repeat of a stored one 200 although the queue is full)."""
+    bob, eve = net.bob.server_name, net.eve.server_name
+    origins = [net.alice, net.carol, net.eve, net.bob]
+    sent: dict[str, list[str]] = {bob: [], eve: []}
+
+    def send_in_order(origin: FakeServer, txn_ids: list[str]) -> list[int]:
+        return [
+            deposit(origin, net.main, (bob, eve)[i % 2], txn_id=txn_id).status_code
+            for i, txn_id in enumerate(txn_ids)
+        ]
+
+    sequences = [(o, [new_txn_id() for _ in range(10)]) for o in origins]
+    for origin, txn_ids in sequences:
+        for i, txn_id in enumerate(txn_ids):
+            sent[(bob, eve)[i % 2]].append(f"{origin.server_name} {txn_id}")
+    with ThreadPoolExecutor(max_workers=2 * len(sequences)) as pool:
+        runs = [pool.submit(send_in_order, *seq) for seq in sequences * 2]
+        assert [run.result(timeout=120) for run in runs] == [[200] * 10] * 8
+    for owner in (net.bob, net.eve):
+        got = [
+            f"{t['origin']} {t['transaction_id']}" for t in collect_all(owner, net.main)
+        ]
+        assert sorted(got) == sorted(sent[owner.server_name])  # each once
+        for origin, _ in sequences:  # in order per origin
+            mine = [g for g in got if g.startswith(origin.server_name + " ")]
+            assert mine == [s for s in sent[owner.server_name] if s in mine]
+
+    collect_all(net.bob, net.strict)
+    txn_ids = [new_txn_id() for _ in range(12)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(
+            pool.map(
+                lambda txn_id: deposit(net.alice, net.strict, bob, txn_id=txn_id),
+                txn_ids,
+            )
+        )
+    accepted = [t for t, r in zip(txn_ids, statuses, strict=True) if r.ok]
+    assert len(accepted) == 3
+    for response in statuses:
+        if not response.ok:
+            assert_error(response, 507, "M_RESOURCE_LIMIT_EXCEEDED")
+    assert deposit(net.alice, net.strict, bob, txn_id=accepted[1]).ok
+    got = [t["transaction_id"] for t in collect_all(net.bob, net.strict)]
+    assert sorted(got) == sorted(accepted)
+
+
 # --- durability ---------------------------------------------------------------------
 
 

@@ -1,13 +1,20 @@
-"""The queue's SQL, run on a real SQLite database (integration tests run it on
-PostgreSQL through Synapse)."""
+"""The queue's SQL, run through Synapse's `LoggingTransaction` on a real SQLite
+database and on the test PostgreSQL server, at the isolation the store uses."""
 
 import sqlite3
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
 import pytest
+from synapse.storage.database import LoggingTransaction
+from synapse.storage.engines import BaseDatabaseEngine, create_engine
 
-from synapse_relay import store
+from synapse_relay import compression, store
+from synapse_relay._synapse import is_postgres
+from synapse_relay._synapse.database import READ_COMMITTED
 from synapse_relay.store import (
     Collected,
     Deposit,
@@ -17,27 +24,84 @@ from synapse_relay.store import (
     Quota,
     QuotaExceeded,
 )
+from tests.harness.postgres import Backend, PostgresCluster
 
 
-class Txn:
-    """What `run_db_interaction` hands a function, on a plain SQLite cursor."""
+class Database:
+    """A database of one backend; `transaction()` opens a connection and hands
+    out what `run_db_interaction` hands a function, at READ COMMITTED."""
 
-    database_engine = None
+    def __init__(
+        self, engine: BaseDatabaseEngine[Any, Any], connect: Callable[[], Any]
+    ) -> None:
+        self.engine = engine
+        self._connect = connect
+        self._connections: list[Any] = []
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._cursor = connection.cursor()
+    def connection(self) -> Any:
+        connection = self._connect()
+        self.engine.attempt_to_set_isolation_level(connection, READ_COMMITTED)
+        self._connections.append(connection)
+        return connection
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cursor, name)
+    def txn(self, connection: Any) -> LoggingTransaction:
+        return LoggingTransaction(
+            txn=connection.cursor(),
+            name="test",
+            server_name="test",
+            database_engine=self.engine,
+        )
+
+    def run(self, connection: Any, func: Callable[..., Any], *args: Any) -> Any:
+        """`func(txn, *args)` in its own committed transaction."""
+        try:
+            result = func(self.txn(connection), *args)
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+        return result
+
+    def close(self) -> None:
+        for connection in self._connections:
+            connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database]:
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+        config = Backend.postgres(cluster)()
+        assert config is not None
+        args = config["args"]
+        db = Database(
+            create_engine(config),
+            lambda: psycopg2.connect(
+                host=args["host"],
+                port=args["port"],
+                user=args["user"],
+                dbname=args["database"],
+            ),
+        )
+    else:
+        path = str(tmp_path / "relay.db")
+        db = Database(
+            create_engine({"name": "sqlite3", "args": {"database": path}}),
+            lambda: sqlite3.connect(path, timeout=60, check_same_thread=False),
+        )
+    yield db
+    db.close()
 
 
 @pytest.fixture
-def txn() -> Iterator[Txn]:
-    connection = sqlite3.connect(":memory:")
-    txn = Txn(connection)
+def txn(database: Database) -> LoggingTransaction:
+    """One long transaction on a schema at the current version."""
+    txn = database.txn(database.connection())
     store._create_or_migrate_schema_txn(txn)
-    yield txn
-    connection.close()
+    return txn
+
+
+Txn = LoggingTransaction
 
 
 def deposit(
@@ -49,12 +113,20 @@ def deposit(
     now: int = 1000,
     max_transactions: int = 10,
     max_bytes: int = 1000,
+    origin_auth: str | None = None,
 ) -> Deposit:
-    return store._deposit_txn(
+    (outcome,) = store._deposit_batch_txn(
         txn,
-        NewEntry(origin, txn_id, destination, body, now),
-        Quota(max_transactions, max_bytes),
+        [
+            (
+                NewEntry(origin, txn_id, destination, body, now, origin_auth),
+                Quota(max_transactions, max_bytes),
+            )
+        ],
     )
+    if isinstance(outcome, QuotaExceeded):
+        raise outcome
+    return outcome
 
 
 def collect(txn: Txn, destination: str = "b", ack: int = 0) -> Collected:
@@ -151,9 +223,7 @@ def test_purge_works_in_batches(txn: Txn) -> None:
 
 def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
     proof = '{"key":"ed25519:k","sig":"s"}'
-    proven = store._deposit_txn(
-        txn, NewEntry("a", "p", "b", "{}", 1000, origin_auth=proof), Quota(10, 1000)
-    ).entry_id
+    proven = deposit(txn, txn_id="p", origin_auth=proof).entry_id
     unproven = deposit(txn, txn_id="u").entry_id
     assert store._queues_txn(txn) == [Queue("b", 2, 4, 1000, 1)]
     assert collect(txn) == Collected(False, Entry(proven, "{}", proof))
@@ -162,7 +232,8 @@ def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
 
 def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
     txn.execute("DROP INDEX synapse_relay_entries_proven")
-    txn.execute("ALTER TABLE synapse_relay_entries DROP COLUMN origin_auth")
+    for column in ("origin_auth", "txn_compressed"):
+        txn.execute(f"ALTER TABLE synapse_relay_entries DROP COLUMN {column}")
     txn.execute("DROP TABLE synapse_relay_key_snapshots")
     txn.execute("DROP TABLE synapse_relay_key_stock")
     txn.execute("UPDATE synapse_relay_schema_version SET version = 2")
@@ -177,11 +248,7 @@ def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
 
 def deposit_proven(txn: Txn, txn_id: str, destination: str = "b") -> int:
     proof = '{"key":"ed25519:k","sig":"s"}'
-    return store._deposit_txn(
-        txn,
-        NewEntry("a", txn_id, destination, "{}", 1000, origin_auth=proof),
-        Quota(10, 1000),
-    ).entry_id
+    return deposit(txn, txn_id, destination=destination, origin_auth=proof).entry_id
 
 
 def test_pusher_reads_proven_entries_in_order_past_unproven_ones(txn: Txn) -> None:
@@ -206,8 +273,192 @@ def test_pusher_reads_proven_entries_in_order_past_unproven_ones(txn: Txn) -> No
 
 
 def test_proven_entries_are_read_through_their_index(txn: Txn) -> None:
+    if is_postgres(txn):
+        pytest.skip("SQLite's query plan")
     txn.execute(
         "EXPLAIN QUERY PLAN SELECT entry_id FROM synapse_relay_entries"
         f" WHERE destination = 'b' {store._PROVEN} ORDER BY entry_id LIMIT 1"
     )
     assert "synapse_relay_entries_proven" in str(txn.fetchall())
+
+
+# --- group commit: one database transaction for many deposits ----------------------
+
+
+def test_a_batch_answers_each_deposit_on_its_own(txn: Txn) -> None:
+    quota = Quota(max_transactions=2, max_bytes=1000)
+    big = Quota(max_transactions=10, max_bytes=5)
+    outcomes = store._deposit_batch_txn(
+        txn,
+        [
+            (NewEntry("a", "1", "b", '"1"', 10), quota),
+            (NewEntry("a", "1", "b", '"1"', 10), quota),  # repeated in the batch
+            (NewEntry("a", "2", "c", '"2"', 10), quota),
+            (NewEntry("a", "3", "b", '"3"', 10), quota),
+            (NewEntry("a", "4", "b", '"4"', 10), quota),  # b is full
+            (NewEntry("a", "5", "c", '"too big"', 10), big),  # c's bytes
+            (NewEntry("a", "3", "b", '"3"', 10), quota),  # stored, b full: still 200
+        ],
+    )
+    first, again, other, third, full, too_big, stored = outcomes
+    assert isinstance(first, Deposit) and not first.duplicate
+    assert again == Deposit(first.entry_id, True)
+    assert isinstance(other, Deposit) and not other.duplicate
+    assert isinstance(third, Deposit) and not third.duplicate
+    assert first.entry_id < other.entry_id < third.entry_id  # in batch order
+    assert isinstance(full, QuotaExceeded)
+    assert "max_transactions_per_destination" in str(full)
+    assert isinstance(too_big, QuotaExceeded)
+    assert "max_bytes_per_destination" in str(too_big)
+    assert stored == Deposit(third.entry_id, True)
+    assert store._queues_txn(txn) == [Queue("b", 2, 6, 10, 0), Queue("c", 1, 3, 10, 0)]
+    assert collect(txn).entry == Entry(first.entry_id, '"1"')
+    assert collect(txn, ack=first.entry_id).entry == Entry(third.entry_id, '"3"')
+
+
+# --- compact storage ----------------------------------------------------------------
+
+UNICODE_JSON = '{"body":"é 😀 \\u0000 ' + "long text " * 300 + '","n":[1,2,3]}'
+
+
+def test_transactions_are_stored_compressed_and_read_back_identically(
+    txn: Txn,
+) -> None:
+    entry_id = deposit(txn, body=UNICODE_JSON, max_bytes=10**6).entry_id
+    txn.execute(
+        "SELECT size, txn_json, txn_compressed FROM synapse_relay_entries"
+        " WHERE entry_id = ?",
+        (entry_id,),
+    )
+    size, txn_json, stored = txn.fetchone()  # type: ignore[misc]
+    assert size == len(UNICODE_JSON.encode("utf-8"))  # quotas count JSON bytes
+    assert txn_json == ""
+    assert len(stored) < size / 10
+    assert collect(txn).entry == Entry(entry_id, UNICODE_JSON)
+
+
+def test_compression_round_trips_and_refuses_unknown_encodings() -> None:
+    for text in ("", "{}", UNICODE_JSON):
+        assert compression.decompress(compression.compress(text)) == text
+    for stored in (b"", b"\x00abc", b"\x7fabc"):
+        with pytest.raises(compression.UnknownEncoding):
+            compression.decompress(stored)
+
+
+def test_migration_from_version_2_keeps_old_rows_readable(database: Database) -> None:
+    connection = database.connection()
+    postgres = database.engine.__class__.__name__ == "PostgresEngine"
+
+    def schema_v2(txn: Txn) -> None:
+        for version in (1, 2):
+            for statement in store._MIGRATIONS[version](postgres):
+                txn.execute(statement)
+        txn.execute(
+            "CREATE TABLE synapse_relay_schema_version (version INTEGER NOT NULL)"
+        )
+        txn.execute("INSERT INTO synapse_relay_schema_version (version) VALUES (2)")
+        # a row as version 2 wrote it, with its totals
+        txn.execute(
+            "INSERT INTO synapse_relay_entries"
+            " (destination, origin, txn_id, received_ts, size, txn_json)"
+            " VALUES ('b', 'a', 'old', 5, ?, ?)",
+            (len(UNICODE_JSON.encode("utf-8")), UNICODE_JSON),
+        )
+        txn.execute(
+            "INSERT INTO synapse_relay_queues (destination, transactions, bytes)"
+            " VALUES ('b', 1, ?)",
+            (len(UNICODE_JSON.encode("utf-8")),),
+        )
+
+    database.run(connection, schema_v2)
+    database.run(connection, store._create_or_migrate_schema_txn)
+    txn = database.txn(connection)
+    txn.execute("SELECT version FROM synapse_relay_schema_version")
+    assert txn.fetchall() == [(store.SCHEMA_VERSION,)]
+    # the old row is a duplicate for its (origin, txn_id, destination), and comes
+    # first; new rows are compressed
+    assert deposit(txn, txn_id="old", max_bytes=10**6).duplicate
+    new = deposit(txn, txn_id="new", body='"new"', max_bytes=10**6).entry_id
+    old = collect(txn).entry
+    assert old is not None and old.txn_json == UNICODE_JSON
+    assert collect(txn, ack=old.entry_id).entry == Entry(new, '"new"')
+    assert store._queues_txn(txn) == [Queue("b", 1, 5, 1000, 0)]
+
+
+# --- several processes: concurrent transactions on one destination ------------------
+
+
+def test_concurrent_deposits_from_two_connections(database: Database) -> None:
+    """Two processes (two connections, as two Synapse workers have) deposit the
+    same transactions for one destination at once, then again while a third
+    collects: no serialization failure, every transaction stored once, the quota
+    exact, FIFO."""
+    if database.engine.__class__.__name__ != "PostgresEngine":
+        pytest.skip("Synapse has one connection to an SQLite database")
+    database.run(database.connection(), store._create_or_migrate_schema_txn)
+    errors: list[BaseException] = []
+
+    def in_thread(func: Callable[..., None], *args: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                func(database.connection(), *args)
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def depositor(connection: Any, txn_ids: list[str], quota: Quota, out: list) -> None:
+        for start in range(0, len(txn_ids), 5):  # batches of 5, in order
+            batch = [
+                (NewEntry("a", txn_id, "b", f'"{txn_id}"', 1), quota)
+                for txn_id in txn_ids[start : start + 5]
+            ]
+            out += database.run(connection, store._deposit_batch_txn, batch)
+
+    def deposit_twice_at_once(txn_ids: list[str], quota: Quota) -> list[tuple]:
+        one: list[Any] = []
+        two: list[Any] = []
+        threads = [
+            in_thread(depositor, txn_ids, quota, one),
+            in_thread(depositor, txn_ids, quota, two),
+        ]
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == []
+        return list(zip(one, two, strict=True))
+
+    # The quota is exact: the first 150 are stored once each, the rest refused.
+    txn_ids = [f"t{i:04d}" for i in range(200)]
+    outcomes = deposit_twice_at_once(txn_ids, Quota(150, 10**9))
+    for a, b in outcomes[:150]:
+        assert isinstance(a, Deposit) and isinstance(b, Deposit)
+        assert a.entry_id == b.entry_id and a.duplicate != b.duplicate
+    for a, b in outcomes[150:]:
+        assert isinstance(a, QuotaExceeded) and isinstance(b, QuotaExceeded)
+    ids = [a.entry_id for a, _ in outcomes[:150]]
+    assert ids == sorted(ids)
+
+    # While a collector acknowledges: nothing lost, in order.
+    collected: list[str] = []
+
+    def collector(connection: Any, count: int) -> None:
+        entry_id = 0
+        deadline = time.monotonic() + 120
+        while len(collected) < count and time.monotonic() < deadline:
+            got = database.run(
+                connection, store._acknowledge_and_get_oldest_txn, "b", entry_id
+            )
+            entry_id = got.entry.entry_id if got.entry else 0
+            if got.entry:
+                collected.append(got.entry.txn_json.strip('"'))
+        database.run(connection, store._acknowledge_and_get_oldest_txn, "b", entry_id)
+
+    more = [f"t{i:04d}" for i in range(200, 300)]
+    collecting = in_thread(collector, 250)
+    deposit_twice_at_once(more, Quota(10**6, 10**9))
+    collecting.join(timeout=120)
+    assert errors == []
+    assert collected == txn_ids[:150] + more
+    assert store._queues_txn(database.txn(database.connection())) == []
