@@ -29,7 +29,7 @@ from bench.common import (
     collect_mailbox,
 )
 from bench.profiling import profiled
-from tests.harness.fedclient import FakeServer
+from synapse_relay.fake_federation import FakeServer
 
 RELAYS = ("empty", "full")
 

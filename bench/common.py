@@ -2,7 +2,7 @@
 generator, realistic transactions, statistics and CPU accounting.
 
 Servers come from `synapse_relay.loopback` (real Synapse processes on loopback) and
-signatures from `tests.harness.fedclient.FakeServer`; nothing here starts a server
+signatures from `synapse_relay.fake_federation.FakeServer`; nothing here starts a server
 of its own except the key servers of FakeServers.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import requests
 from canonicaljson import encode_canonical_json
 
+from synapse_relay.fake_federation import FakeServer
 from synapse_relay.loopback import Homeserver, PostgresCluster, wait_until
 from synapse_relay.protocol import relay_txn_path
-from tests.harness.fedclient import FakeServer
 
 # A request of a benchmark that takes longer than this is an error.
 REQUEST_TIMEOUT = 60

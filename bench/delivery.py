@@ -52,10 +52,10 @@ from bench.common import (
 )
 from bench.profiling import profiled
 from synapse_relay.demo import Scenario
+from synapse_relay.fake_federation import FakeServer
 from synapse_relay.loopback import Homeserver
 from synapse_relay.protocol import send_relay_path
 from synapse_relay.store import stored_txn_json
-from tests.harness.fedclient import FakeServer
 
 TEXT = "delivery benchmark message {number}"
 # The direct sender keeps at most this many PDUs waiting in B's inbound staging

@@ -27,9 +27,9 @@ from bench.common import (
     run_load,
 )
 from bench.profiling import profiled
+from synapse_relay.fake_federation import FakeServer
 from synapse_relay.loopback import Homeserver, free_port
 from synapse_relay.protocol import relay_txn_path, send_relay_path
-from tests.harness.fedclient import FakeServer
 
 ORIGINS = 4
 # Destinations the context load `deposit_spread` spreads its deposits over.
