@@ -41,10 +41,12 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from synapse_relay.keys import CLAIMS_PER_MINUTE, MAX_DEVICES_PER_CLAIM
-from synapse_relay.loopback import wait_until
+from synapse_relay.loopback import HTTP_TIMEOUT, wait_until
+from synapse_relay.loopback_workers import WorkerSpec
 from synapse_relay.protocol import KEY_SNAPSHOTS, KEYS_PREFIX, keys_path
 from tests.harness.fedclient import FakeServer, FakeServerFactory, quote
 from tests.harness.homeserver import Homeserver, HomeserverFactory
+from tests.harness.postgres import Backend
 from tests.harness.tls_server import TlsJsonServer
 
 pytestmark = pytest.mark.integration
@@ -446,6 +448,57 @@ def test_a_server_uses_only_keys_its_owner_and_devices_signed(
             response.json()["one_time_keys"].get(user_id, {}).get("PHONE", {})
             == expected
         )
+
+
+def test_generic_workers_ask_relays_too(
+    backend: Backend,
+    homeserver_factory: HomeserverFactory,
+    owner: Owner,
+    liar: LyingRelay,
+) -> None:
+    """A client's key query and claim served by a generic worker reach O's relay."""
+    if str(backend) != "postgres":
+        pytest.skip("Synapse workers need PostgreSQL")
+    server = homeserver_factory.create_with_workers(
+        {"send": {"relays": {owner.server_name: [liar.server_name]}}},
+        workers=(WorkerSpec("client1", ("client",)),),
+    )
+    worker = server.workers["client1"]
+    token = server.register_user("ivy")
+    user_id = f"@grace:{owner.server_name}"
+    phone = Device(user_id, "PHONE")
+    snapshot = owner.snapshot("grace", [phone])
+    key = phone.one_time_keys(1)
+    liar.answers.update(
+        {
+            "query": {KEY_SNAPSHOTS: {user_id: snapshot}},
+            quote(user_id): {**snapshot, KEY_SNAPSHOTS: {user_id: snapshot}},
+            "claim": {
+                "one_time_keys": {user_id: {"PHONE": key}},
+                KEY_SNAPSHOTS: {user_id: snapshot},
+            },
+        }
+    )
+
+    def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = requests.post(
+            f"{worker.base_url}/_matrix/client/v3/keys/{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=False,
+            timeout=HTTP_TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    query = call("query", {"device_keys": {user_id: []}})
+    assert query["device_keys"][user_id]["PHONE"]["keys"] == phone.keys["keys"]
+    claim = call("claim", {"one_time_keys": {user_id: {"PHONE": ALGORITHM}}})
+    assert claim["one_time_keys"][user_id]["PHONE"] == key
+    # answered by the worker itself, not handed to the main process
+    log = worker.log_path.read_text()
+    assert "answered its claim request from relay" in log
 
 
 class Client:
