@@ -7,16 +7,20 @@ with Dendrite's `relay_txn` from relays without the batch endpoint: see
 `relay_client.py`), and handles the transactions one at a time, in relay order:
 
 1. *check* it (`prepare_transaction`): a transaction destined to another server,
-   or whose origin is missing, not a server name, or us, is refused; PDUs not sent
-   by a user of the origin and EDUs outside `RELAYED_EDU_TYPES` are left out, so
-   that a relay cannot make us process anything under an origin whose signature
-   it does not carry;
+   or whose origin is missing, not a server name, or us, is refused. When it
+   carries an origin proof (DESIGN.md 2b) that verifies with the origin's key valid
+   at its `origin_server_ts` (fetched from the relay's notary like PDU keys), it is
+   *proven* and fed whole under the origin's own transaction id. Otherwise PDUs not
+   sent by a user of the origin and EDUs outside `RELAYED_EDU_TYPES` are left out,
+   so that a relay cannot make us process anything under an origin whose signature
+   it does not carry (a proof that does not verify counts as none);
 2. make sure we hold the origin's signing keys valid at the PDUs' timestamps,
    fetching them from the relay's key-notary endpoint when we do not (the origin
    is probably offline), never accepting a key that contradicts one we hold;
 3. *feed* it to Synapse's normal inbound federation processing as if it had come
    from its origin (`FederationServer.on_incoming_transaction`) under the
-   transaction id `relayed:<its id>`, and wait until Synapse has processed its
+   transaction id `relayed:<its id>` (unproven) or its id (proven), and wait
+   until Synapse has processed its
    PDUs (they leave Synapse's inbound staging area);
 4. *acknowledge* it: its entry id goes in the next request to the relay, so the
    relay deletes it only after we processed it.
@@ -60,15 +64,18 @@ from synapse_relay.inbound import (
     FeedOutcome,
     MalformedAnswer,
     Prepared,
+    ProofToVerify,
     Refusal,
     RelayEntry,
     Verdict,
+    edu_type_of,
     judge_feed,
     judge_offered_keys,
     keys_needed,
     keys_satisfied,
     offered_keys,
     prepare_transaction,
+    proof_to_verify,
     retry_txn_id,
 )
 from synapse_relay.relay_client import (
@@ -78,7 +85,7 @@ from synapse_relay.relay_client import (
     RelayMailbox,
     RelayWire,
 )
-from synapse_relay.stats import RoleStats
+from synapse_relay.stats import KindCounts, RoleStats
 from synapse_relay.store import RelayStore
 
 logger = logging.getLogger(__name__)
@@ -92,7 +99,10 @@ RECEIVE_COUNTERS = {
     "failures": "Collections from a relay stopped by a transient failure",
     "pdus_dropped": "PDUs left out: not sent by a user of the transaction's origin",
     "pdus_rejected": "PDUs Synapse rejected for good (signature, ACL, ...)",
-    "edus_dropped": "EDUs left out: not of a type processed when relayed",
+    "edus_dropped": "EDUs left out: not of a type processed when relayed unproven",
+    "proven": "Transactions whose origin proof verified: fed whole",
+    "proofs_failed": "Transactions whose origin proof did not verify or could not be"
+    " verified: processed as unproven",
     "keys_fetched": "Key sets of an origin fetched from a relay's notary endpoint",
 }
 
@@ -156,6 +166,24 @@ class CollectionResult:
         }
 
 
+class ReceiveStats(RoleStats):
+    """The receive role's counters per relay, and its EDUs by type and outcome."""
+
+    def __init__(self) -> None:
+        super().__init__("receive", RECEIVE_COUNTERS, per_relay=True)
+        self.edus = KindCounts(
+            "synapse_relay_receive_edus_total",
+            "EDUs of collected transactions by type: processed (fed to Synapse) or"
+            " dropped (left out of an unproven transaction)",
+            "edu_type",
+        )
+
+    def snapshot(self) -> dict[str, object]:
+        result = super().snapshot()
+        result["edus_by_type"] = self.edus.snapshot()
+        return result
+
+
 class Homeserver(RelayWire, Protocol):
     """What the collector needs from Synapse (`_synapse.inbound.InboundFederation`)."""
 
@@ -168,6 +196,10 @@ class Homeserver(RelayWire, Protocol):
     ) -> dict[str, HeldKey]: ...
 
     async def store_notary_keys(self, notary: str, keys: JsonDict) -> None: ...
+
+    async def verify_signed(
+        self, server_name: str, signed: JsonDict, valid_at_ms: int
+    ) -> None: ...
 
     async def previous_response(
         self, origin: str, txn_id: str
@@ -245,7 +277,7 @@ class Collector:
         self._api = api
         self._store = store
         self.runs_here = api.should_run_background_tasks()
-        self.stats = RoleStats("receive", RECEIVE_COUNTERS, per_relay=True)
+        self.stats = ReceiveStats()
         # callers waiting for the collection under way
         self._waiters: list[defer.Deferred[CollectionResult]] = []
         # relay -> entries processed but not yet acknowledged (the request that
@@ -380,7 +412,26 @@ class Collector:
     async def _handle(self, relay: str, entry: RelayEntry) -> Verdict:
         """Process one entry; PROCESSED or REJECTED (acknowledge it) or raise _Stop."""
         now_ms = self._api.get_current_time_msec()
-        prepared = prepare_transaction(entry.transaction, self._hs.server_name, now_ms)
+        to_verify = proof_to_verify(entry, self._hs.server_name, now_ms)
+        proven = False
+        if isinstance(to_verify, str):
+            self.stats.inc("proofs_failed", relay)
+            logger.warning(
+                "The origin proof of entry %d from relay %s cannot be verified (%s):"
+                " processing it as unproven",
+                entry.entry_id,
+                relay,
+                to_verify,
+            )
+        elif to_verify is not None:
+            try:
+                proven = await self._verify_proof(relay, to_verify)
+            except _Stop as e:
+                key = (relay, to_verify.origin, to_verify.txn_id)
+                return await self._transient(key, entry, e)
+        prepared = prepare_transaction(
+            entry.transaction, self._hs.server_name, now_ms, proven=proven
+        )
         if isinstance(prepared, Refusal):
             logger.warning(
                 "Refusing entry %d from relay %s, and acknowledging it: %s",
@@ -410,14 +461,18 @@ class Collector:
             self.stats.inc("pdus_dropped", relay, len(prepared.dropped_pdus))
         if prepared.dropped_edus:
             logger.info(
-                "Leaving out %d EDUs of transaction %s from %s (relay %s):"
-                " only Olm-encrypted to-device messages are processed when relayed",
-                prepared.dropped_edus,
+                "Leaving out EDUs of unproven transaction %s from %s (relay %s): %s",
                 prepared.txn_id,
                 origin,
                 relay,
+                ", ".join(
+                    f"{count} {edu_type} ({why})"
+                    for (edu_type, why), count in prepared.dropped_edus.items()
+                ),
             )
-            self.stats.inc("edus_dropped", relay, prepared.dropped_edus)
+            for (edu_type, _), count in prepared.dropped_edus.items():
+                self.stats.edus.inc(edu_type, "dropped", count)
+            self.stats.inc("edus_dropped", relay, sum(prepared.dropped_edus.values()))
 
         key = (relay, origin, prepared.txn_id)
         try:
@@ -446,9 +501,12 @@ class Collector:
             )
         if outcome.rejected:
             self.stats.inc("pdus_rejected", relay, len(outcome.rejected))
+        for edu in prepared.body["edus"]:
+            self.stats.edus.inc(edu_type_of(edu), "processed")
         logger.info(
-            "Processed transaction %s from %s (entry %d from relay %s): %d PDUs"
+            "Processed %s transaction %s from %s (entry %d from relay %s): %d PDUs"
             " accepted, %d rejected, %d EDUs",
+            "proven" if prepared.proven else "unproven",
             prepared.txn_id,
             origin,
             entry.entry_id,
@@ -458,6 +516,35 @@ class Collector:
             len(prepared.body["edus"]),
         )
         return Verdict.PROCESSED
+
+    async def _verify_proof(self, relay: str, to_verify: ProofToVerify) -> bool:
+        """Whether the entry's origin proof verifies with a key of its origin valid
+        at the transaction's origin_server_ts; raises _Stop when the key cannot be
+        fetched from the relay for now. A proof that does not verify, for whatever
+        reason, leaves the entry unproven (never proven on the relay's word)."""
+        origin = to_verify.origin
+        await self._ensure_keys(
+            relay, origin, {to_verify.proof.key: to_verify.valid_at_ms}
+        )
+        try:
+            await self._hs.verify_signed(
+                origin, to_verify.signed, to_verify.valid_at_ms
+            )
+        except Exception as e:
+            self.stats.inc("proofs_failed", relay)
+            logger.warning(
+                "The origin proof of transaction %s from %s (relay %s) does not"
+                " verify with %s valid at %d (%s): processing it as unproven",
+                to_verify.txn_id,
+                origin,
+                relay,
+                to_verify.proof.key,
+                to_verify.valid_at_ms,
+                e,
+            )
+            return False
+        self.stats.inc("proven", relay)
+        return True
 
     async def _feed(self, relay: str, prepared: Prepared) -> FeedOutcome:
         """Feed a transaction to Synapse and wait until its PDUs are processed."""

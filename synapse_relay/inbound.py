@@ -4,8 +4,11 @@ fetching, feeding and acknowledging).
 
 - `parse_relay_answer`, `parse_batch_answer`: a relay_txn or batch collect answer,
   or MalformedAnswer.
+- `proof_to_verify`: what to verify of an entry's origin proof (DESIGN.md 2b), or
+  why it cannot be (then the entry is unproven).
 - `prepare_transaction`: refuse a transaction not for us or without a usable origin;
-  leave out PDUs not sent by a user of the origin and EDUs a relay could forge.
+  for an unproven one, leave out PDUs not sent by a user of the origin and EDUs a
+  relay could forge (`edu_refusal`); a proven one is fed whole.
 - `keys_needed`, `keys_satisfied`, `judge_offered_keys`: the origin's signing keys
   the PDUs need, and whether keys a relay's notary offers may be stored.
 - `judge_feed`: Synapse's answer to a fed transaction, as a Verdict.
@@ -15,6 +18,7 @@ fetching, feeding and acknowledging).
 import base64
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
@@ -24,12 +28,21 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict
 
 from synapse_relay._synapse import HeldKey, is_valid_server_name
+from synapse_relay.proof import (
+    BadProof,
+    OriginProof,
+    is_six_field_transaction,
+    parse_proof,
+    ts_in_window,
+    with_signature,
+)
 from synapse_relay.protocol import MAX_EDUS, MAX_PDUS, ORIGIN_AUTH
 
-# Transactions are fed to Synapse under this prefix + the origin's transaction id:
-# Synapse deduplicates by (origin, transaction id) for a day, so a relay that could
-# hand us a forged transaction under the id of a future direct transaction of that
-# origin would make Synapse ignore the real one.
+# Unproven transactions are fed to Synapse under this prefix + the origin's
+# transaction id: Synapse deduplicates by (origin, transaction id) for a day, so a
+# relay that could hand us a forged transaction under the id of a future direct
+# transaction of that origin would make Synapse ignore the real one. Proven ones
+# are fed under the origin's own id: the origin signed it for us.
 FED_TXN_ID_PREFIX = "relayed:"
 # Prefix of the ids derived from the content, for relays that omit transaction_id.
 DERIVED_TXN_ID_PREFIX = "derived-"
@@ -38,6 +51,19 @@ DERIVED_TXN_ID_PREFIX = "derived-"
 # messages that clients authenticate end to end (Olm) are processed when relayed.
 RELAYED_EDU_TYPES = frozenset({"m.direct_to_device"})
 RELAYED_TO_DEVICE_TYPES = frozenset({"m.room.encrypted"})
+# The EDU types Synapse 1.163 handles (federation/federation_server.py and the
+# handlers registering with its FederationHandlerRegistry).
+KNOWN_EDU_TYPES = frozenset(
+    {
+        "m.typing",
+        "m.receipt",
+        "m.presence",
+        "m.direct_to_device",
+        "m.device_list_update",
+        "m.signing_key_update",
+        "org.matrix.signing_key_update",
+    }
+)
 
 # The form of a FederationError's text, Synapse's verdict on a PDU
 # (api/errors.py: "<level> <code>: <reason>").
@@ -107,6 +133,54 @@ def _entry(fields: JsonDict) -> RelayEntry:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class ProofToVerify:
+    """An entry's origin proof, to be verified with a key of `origin` valid at
+    `valid_at_ms` (T's origin_server_ts)."""
+
+    origin: str
+    txn_id: str
+    proof: OriginProof
+    valid_at_ms: int
+    # the signed request object carrying the signature
+    signed: JsonDict
+
+
+def proof_to_verify(
+    entry: RelayEntry, our_server_name: str, now_ms: int
+) -> ProofToVerify | str | None:
+    """What to verify of the entry's proof; None without one; why it cannot be
+    verified otherwise (the entry is then unproven: never proven on the relay's
+    word)."""
+    if entry.origin_auth is None:
+        return None
+    try:
+        proof = parse_proof(entry.origin_auth)
+    except BadProof as e:
+        return str(e)
+    transaction = entry.transaction
+    if not is_six_field_transaction(transaction):
+        return "the transaction is not exactly the six fields a proof covers"
+    origin = transaction["origin"]
+    if transaction["destination"] != our_server_name:
+        return f"it is destined to {transaction['destination']!r:.80}, not to us"
+    if not is_valid_server_name(origin) or origin == our_server_name:
+        return f"its origin {origin!r:.80} is not another server"
+    if not transaction["transaction_id"]:
+        return "its transaction_id is empty"
+    ts: int = transaction["origin_server_ts"]
+    too_far = ts_in_window(ts, now_ms)
+    if too_far is not None:
+        return too_far
+    return ProofToVerify(
+        origin=origin,
+        txn_id=transaction["transaction_id"],
+        proof=proof,
+        valid_at_ms=ts,
+        signed=with_signature(transaction, proof),
+    )
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class Refusal:
     reason: str
 
@@ -123,11 +197,14 @@ class Prepared:
     body: JsonDict
     # event id (or "<no event_id>") -> why the PDU was left out
     dropped_pdus: dict[str, str]
-    dropped_edus: int
+    # (EDU type, why it was left out) -> how many
+    dropped_edus: Mapping[tuple[str, str], int]
+    # whether its origin proof verified: fed whole, under the origin's own id
+    proven: bool = False
 
     @property
     def fed_txn_id(self) -> str:
-        return FED_TXN_ID_PREFIX + self.txn_id
+        return self.txn_id if self.proven else FED_TXN_ID_PREFIX + self.txn_id
 
 
 def derive_txn_id(transaction: JsonDict) -> str:
@@ -149,29 +226,39 @@ def server_of(user_id: Any) -> str | None:
     return server if sep and server else None
 
 
-def is_relayable_edu(edu: Any, origin: str) -> bool:
-    """Whether a relayed EDU is processed (see RELAYED_EDU_TYPES)."""
+def edu_type_of(edu: Any) -> str:
+    """An EDU's type for logs and counters: one of KNOWN_EDU_TYPES or "other" (a
+    relay must not be able to grow the metrics' label set)."""
+    edu_type = edu.get("edu_type") if isinstance(edu, dict) else None
+    return edu_type if edu_type in KNOWN_EDU_TYPES else "other"
+
+
+def edu_refusal(edu: Any, origin: str) -> str | None:
+    """Why an EDU of an unproven relayed transaction is left out; None if it is
+    processed (see RELAYED_EDU_TYPES)."""
     if not isinstance(edu, dict) or edu.get("edu_type") not in RELAYED_EDU_TYPES:
-        return False
+        return "unproven, and a relay could forge it"
     content = edu.get("content")
-    return (
-        isinstance(content, dict)
-        and content.get("type") in RELAYED_TO_DEVICE_TYPES
-        and server_of(content.get("sender")) == origin
-        and isinstance(content.get("messages"), dict)
-    )
+    if not isinstance(content, dict) or not isinstance(content.get("messages"), dict):
+        return "malformed"
+    if content.get("type") not in RELAYED_TO_DEVICE_TYPES:
+        return "unproven, and not Olm-encrypted"
+    if server_of(content.get("sender")) != origin:
+        return "its sender is not a user of the origin"
+    return None
 
 
 def prepare_transaction(
-    transaction: Any, our_server_name: str, now_ms: int
+    transaction: Any, our_server_name: str, now_ms: int, proven: bool = False
 ) -> Prepared | Refusal:
     """Check a relayed transaction and build what is fed to Synapse.
 
-    The relay's word is trusted for nothing that Synapse will not check: the
-    transaction's origin must be a server name other than ours; every PDU fed must
-    be sent by a user of that origin, so that Synapse's check of the sender
-    server's signature proves the origin signed it; only end-to-end authenticated
-    EDUs are kept.
+    Unless its origin proof verified (`proven`), the relay's word is trusted for
+    nothing that Synapse will not check: the transaction's origin must be a server
+    name other than ours; every PDU fed must be sent by a user of that origin, so
+    that Synapse's check of the sender server's signature proves the origin signed
+    it; only end-to-end authenticated EDUs are kept. A proven transaction is fed
+    whole, as if it had come directly from its origin.
     """
     if not isinstance(transaction, dict):
         return Refusal("the transaction is not a JSON object")
@@ -199,14 +286,21 @@ def prepare_transaction(
     dropped_pdus = {}
     for pdu in pdus:
         sender_server = server_of(pdu.get("sender"))
-        if sender_server == origin:
+        if proven or sender_server == origin:
             kept_pdus.append(pdu)
         else:
             event_id = pdu.get("event_id")
             dropped_pdus[event_id if isinstance(event_id, str) else "<no event_id>"] = (
                 f"sent by {pdu.get('sender')!r}, not by a user of the origin {origin}"
             )
-    kept_edus = [edu for edu in edus if is_relayable_edu(edu, origin)]
+    kept_edus = []
+    dropped_edus: Counter[tuple[str, str]] = Counter()
+    for edu in edus:
+        refusal = None if proven else edu_refusal(edu, origin)
+        if refusal is None:
+            kept_edus.append(edu)
+        else:
+            dropped_edus[(edu_type_of(edu), refusal)] += 1
 
     origin_server_ts = transaction.get("origin_server_ts")
     if not isinstance(origin_server_ts, int) or isinstance(origin_server_ts, bool):
@@ -223,7 +317,8 @@ def prepare_transaction(
             "edus": kept_edus,
         },
         dropped_pdus=dropped_pdus,
-        dropped_edus=len(edus) - len(kept_edus),
+        dropped_edus=dropped_edus,
+        proven=proven,
     )
 
 

@@ -53,3 +53,23 @@ class RoleStats:
         if self._per_relay:
             result["relays"] = {relay: dict(c) for relay, c in self._by_relay.items()}
         return result
+
+
+class KindCounts:
+    """Counts by kind and outcome (EDUs by type, processed or dropped), as the
+    Prometheus counter `name` labelled by `kind_label` and `outcome`; callers
+    bound the kinds (the label set must stay small)."""
+
+    def __init__(self, name: str, documentation: str, kind_label: str) -> None:
+        self._kind_label = kind_label
+        self._counts: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self._metric = _metric(name, documentation, (kind_label, "outcome"))
+
+    def inc(self, kind: str, outcome: str, amount: int = 1) -> None:
+        counts = self._counts[outcome]
+        counts[kind] = counts.get(kind, 0) + amount
+        self._metric.labels(**{self._kind_label: kind, "outcome": outcome}).inc(amount)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """outcome -> kind -> count."""
+        return {outcome: dict(counts) for outcome, counts in self._counts.items()}

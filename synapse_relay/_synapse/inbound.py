@@ -29,7 +29,7 @@ from synapse.http.matrixfederationclient import (
 )
 from synapse.module_api import JsonDict, ModuleApi
 
-from synapse_relay._synapse import HeldKey
+from synapse_relay._synapse import HeldKey, verify_signed_by
 
 
 class RelayRequestFailed(Exception):
@@ -66,6 +66,7 @@ class InboundFederation:
     """
 
     def __init__(self, api: ModuleApi) -> None:
+        self._api = api
         # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
         self._hs = api._hs
         self.server_name: str = api.server_name
@@ -209,6 +210,13 @@ class InboundFederation:
             )
         except Exception as e:
             raise NotaryKeyRejected(str(e)) from e
+
+    async def verify_signed(
+        self, server_name: str, signed: JsonDict, valid_at_ms: int
+    ) -> None:
+        """Raise unless `signed` carries a valid signature of `server_name` with a
+        key valid at `valid_at_ms` (see `verify_signed_by`)."""
+        await verify_signed_by(self._api, server_name, signed, valid_at_ms)
 
     async def previous_response(
         self, origin: str, txn_id: str

@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from synapse_relay.protocol import ORIGIN_AUTH
 from tests.harness.tls_server import TlsJsonServer
 
 RELAY_TXN_PREFIX = "/_matrix/federation/v1/relay_txn/"
@@ -32,6 +33,8 @@ class Mailbox:
 
     def __init__(self, *transactions: dict[str, Any]) -> None:
         self.entries: dict[int, dict[str, Any]] = {}
+        # entry id -> the origin proof handed out beside it
+        self.proofs: dict[int, Any] = {}
         self.requests: list[int] = []
         self.batch_requests: list[tuple[list[int], int]] = []
         self.acknowledged: list[int] = []
@@ -41,12 +44,15 @@ class Mailbox:
         for transaction in transactions:
             self.add(transaction)
 
-    def add(self, transaction: dict[str, Any]) -> int:
-        """Queue a transaction to hand out; its entry id."""
+    def add(self, transaction: dict[str, Any], proof: Any = None) -> int:
+        """Queue a transaction (with an origin proof, if given) to hand out; its
+        entry id."""
         with self._lock:
             entry_id = self._next_id
             self._next_id += 1
             self.entries[entry_id] = transaction
+            if proof is not None:
+                self.proofs[entry_id] = proof
             return entry_id
 
     def answer(self, acknowledged: int) -> dict[str, Any]:
@@ -57,11 +63,14 @@ class Mailbox:
             if not self.entries:
                 return {"transaction": {}, "entry_id": 0, "entries_queued": False}
             entry_id = min(self.entries)
-            return {
+            answer = {
                 "transaction": self.entries[entry_id],
                 "entry_id": entry_id,
                 "entries_queued": True,
             }
+            if entry_id in self.proofs:
+                answer[ORIGIN_AUTH] = self.proofs[entry_id]
+            return answer
 
     def batch_answer(self, acknowledge: list[int], limit: int) -> dict[str, Any]:
         """The batch collect answer to a request acknowledging `acknowledge`."""

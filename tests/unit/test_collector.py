@@ -105,7 +105,14 @@ def test_prepare_keeps_what_the_origin_signed() -> None:
     assert [p["event_id"] for p in prepared.body["pdus"]] == ["$event1", "$event3"]
     assert list(prepared.dropped_pdus) == ["$event2"]
     assert prepared.body["edus"] == [to_device()]
-    assert prepared.dropped_edus == 5
+    unproven = "unproven, and a relay could forge it"
+    assert prepared.dropped_edus == {
+        ("m.direct_to_device", "unproven, and not Olm-encrypted"): 1,
+        ("m.direct_to_device", "its sender is not a user of the origin"): 1,
+        ("m.typing", unproven): 1,
+        ("m.device_list_update", unproven): 1,
+        ("m.receipt", unproven): 1,
+    }
     assert prepared.body["origin_server_ts"] == 5
     assert set(prepared.body) == {
         "origin",
@@ -296,6 +303,7 @@ class FakeHomeserver:
         self.stored_notary_keys: list[tuple[str, dict]] = []
         self.blocker: defer.Deferred[None] | None = None
         self.staged_kicks = 0
+        self.verified: list[tuple[str, dict, int]] = []
 
     async def get_with_body(
         self, destination: str, path: str, content: dict, timeout_ms: int
@@ -336,6 +344,15 @@ class FakeHomeserver:
         self.stored_notary_keys.append((notary, keys))
         for key_id, (key, until) in inbound.offered_keys(keys).items():
             self.keys[key_id] = HeldKey(key, until)
+
+    async def verify_signed(
+        self, server_name: str, signed: dict, valid_at_ms: int
+    ) -> None:
+        """Verifies a signature "good" of a key we hold."""
+        self.verified.append((server_name, signed, valid_at_ms))
+        [(key, sig)] = signed["signatures"][server_name].items()
+        if sig != "good" or key not in self.keys:
+            raise ValueError("Invalid signature")
 
     async def previous_response(
         self, origin: str, txn_id: str
@@ -849,3 +866,102 @@ def test_admin_collect_endpoint() -> None:
             "relays": {"r1": {"processed": 1, "rejected": 0, "error": None}},
         },
     )
+
+
+# --- origin proof -------------------------------------------------------------------
+
+
+EDUS = [
+    {"edu_type": "m.receipt", "content": {}},
+    {"edu_type": "m.device_list_update", "content": {}},
+    to_device(type_="m.key.verification.request"),
+    {"edu_type": "x.custom", "content": {}},
+]
+NOW = 10**12
+
+
+def proven_relay(sig: str = "good", **fields: Any) -> FakeRelay:
+    relay = FakeRelay()
+    t = txn(1, **{"origin_server_ts": NOW, "edus": EDUS, **fields})
+    relay.add(t, {"key": "ed25519:k1", "sig": sig})
+    return relay
+
+
+def test_proven_transaction_is_fed_whole_under_the_origin_id() -> None:
+    carols = pdu(2, sender="@carol:c.example")
+    relay = proven_relay(pdus=[pdu(1), carols])
+    collector, hs, _, api = make(("r1", relay))
+    api.now = NOW
+    hs.keys["ed25519:k1"] = HeldKey("key", NOW + 1)
+    assert run(collector.collect()).processed == 1
+    [(origin, txn_id, body)] = hs.fed
+    assert (origin, txn_id) == (A, "t1")
+    assert body["edus"] == EDUS and body["pdus"] == [pdu(1), carols]
+    [(server, signed, valid_at)] = hs.verified
+    assert (server, valid_at) == (A, NOW)
+    assert signed["uri"] == "/_matrix/federation/v1/send/t1"
+    assert set(signed["content"]) == {
+        "origin",
+        "origin_server_ts",
+        "destination",
+        "transaction_id",
+        "pdus",
+        "edus",
+    }
+    assert stats(collector)["proven"] == 1
+    assert collector.stats.snapshot()["edus_by_type"] == {
+        "processed": {
+            "m.receipt": 1,
+            "m.device_list_update": 1,
+            "m.direct_to_device": 1,
+            "other": 1,
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "sig, fields, verified",
+    [
+        ("forged", {}, True),  # does not verify
+        ("good", {"origin_server_ts": NOW + 3_600_000}, False),  # future
+        ("good", {"origin_server_ts": 1}, False),  # too old
+        ("good", {"extra": 1}, False),  # not T
+    ],
+)
+def test_unverified_proof_is_processed_as_unproven(
+    sig: str, fields: dict, verified: bool
+) -> None:
+    relay = proven_relay(sig, **fields)
+    collector, hs, _, api = make(("r1", relay))
+    api.now = NOW
+    hs.keys["ed25519:k1"] = HeldKey("key", NOW + 1)
+    assert run(collector.collect()).processed == 1
+    [(_, txn_id, body)] = hs.fed
+    assert txn_id == "relayed:t1" and body["edus"] == []
+    assert bool(hs.verified) is verified
+    assert stats(collector)["proofs_failed"] == 1
+    assert stats(collector)["proven"] == 0
+    assert collector.stats.snapshot()["edus_by_type"] == {
+        "dropped": {
+            "m.receipt": 1,
+            "m.device_list_update": 1,
+            "m.direct_to_device": 1,
+            "other": 1,
+        }
+    }
+
+
+def test_proof_key_is_fetched_from_the_relay_notary() -> None:
+    relay = proven_relay()
+    collector, hs, _, api = make(("r1", relay))
+    api.now = NOW
+    hs.notary["r1"] = [
+        {
+            "server_name": A,
+            "valid_until_ts": NOW + 1,
+            "verify_keys": {"ed25519:k1": {"key": "key"}},
+        }
+    ]
+    assert run(collector.collect()).processed == 1
+    assert [txn_id for _, txn_id, _ in hs.fed] == ["t1"]
+    assert len(hs.stored_notary_keys) == 1
