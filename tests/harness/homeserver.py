@@ -5,6 +5,7 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "WorkerSpec",
     "free_port",
     "log_problems",
+    "run_sql",
     "select",
     "tail",
     "wait_until",
@@ -58,29 +60,29 @@ def log_problems(homeserver: Homeserver) -> list[str]:
         return [line.rstrip("\n") for line in log if _PROBLEM.search(line)]
 
 
+def run_sql(homeserver: Homeserver, statement: str, params: tuple = ()) -> list:
+    """Run one statement (`?` placeholders) on the homeserver's database, SQLite
+    or PostgreSQL, in its own committed transaction; the rows it returns."""
+    if homeserver.database is None:
+        path = homeserver.workdir / "homeserver.db"
+        with closing(sqlite3.connect(path)) as connection, connection:
+            return connection.execute(statement, params).fetchall()
+    args = homeserver.database["args"]
+    connection = psycopg2.connect(
+        host=args["host"], port=args["port"], user=args["user"], dbname=args["database"]
+    )
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(statement.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        connection.close()
+
+
 def select(homeserver: Homeserver, statement: str, *params: Any) -> list[tuple]:
     """The rows of a query (`?` placeholders) on `homeserver`'s database, read
     directly, beside the running homeserver."""
-    if homeserver.database is None:
-        connection = sqlite3.connect(homeserver.workdir / "homeserver.db")
-        try:
-            return connection.execute(statement, params).fetchall()
-        finally:
-            connection.close()
-    args = homeserver.database["args"]
-    with (
-        psycopg2.connect(
-            host=args["host"],
-            port=args["port"],
-            user=args["user"],
-            dbname=args["database"],
-        ) as connection,
-        connection.cursor() as cursor,
-    ):
-        cursor.execute(statement.replace("?", "%s"), params)
-        rows: list[tuple] = cursor.fetchall()
-    connection.close()
-    return rows
+    return run_sql(homeserver, statement, params)
 
 
 DatabaseFactory = Callable[[], dict[str, Any] | None]

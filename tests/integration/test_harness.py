@@ -1,9 +1,12 @@
 """The harness itself: real homeservers on SQLite and PostgreSQL, and a fake
 federation server whose signed requests they verify (or reject)."""
 
+from pathlib import Path
+
 import pytest
 import requests
 
+from tests.harness.client import Client
 from tests.harness.fedclient import FakeServer, FakeServerFactory, quote
 from tests.harness.homeserver import Homeserver, HomeserverError, HomeserverFactory
 from tests.harness.postgres import Backend
@@ -101,3 +104,25 @@ def test_failed_start_reports_logs(make_homeserver: object) -> None:
     with pytest.raises(HomeserverError, match="no_such_key") as error:
         make_homeserver({"no_such_key": 1})  # type: ignore[operator]
     assert "exited with code" in str(error.value)
+
+
+def test_e2ee_client(hs: Homeserver, backend: Backend, tmp_path: Path) -> None:
+    """tests/harness/client.py: two nio clients, an encrypted room, a message
+    decrypted (the client API does not depend on the backend: SQLite only)."""
+    if str(backend) != "sqlite":
+        pytest.skip("the client harness is tested once")
+    for user in ("carla", "dave"):
+        hs.register_user(user)
+    with (
+        Client(hs, "carla", tmp_path / "carla") as carla,
+        Client(hs, "dave", tmp_path / "dave") as dave,
+    ):
+        room_id = carla.create_room(encrypted=True, invite=[dave.user_id])
+        dave.sync_until(lambda: room_id in dave.nio.invited_rooms, 30, "the invite")
+        dave.join(room_id)
+        carla.sync_until(
+            lambda: dave.user_id in carla.nio.rooms[room_id].users, 30, "dave joined"
+        )
+        carla.send_text(room_id, "secret")
+        dave.sync_until(lambda: "secret" in dave.texts(room_id), 30, "the message")
+        assert not dave.undecrypted(room_id)
