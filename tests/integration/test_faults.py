@@ -1,8 +1,8 @@
 """Faults survived in seconds (issue 13): databases stopped, processes killed.
 
 Three homeservers on PostgreSQL, the relay and the recipient each on a PostgreSQL
-server of their own, so that a test can stop one (`PostgresCluster.halt`, as a
-crash) and start it again:
+server of their own (crash-safe: synchronous commits), so that a test can stop one
+(`PostgresCluster.halt`, as a crash) and start it again:
 
 - `a`: the sender, `send.relays: {b: [r]}`;
 - `r`: the relay, holding mail for anyone;
@@ -150,7 +150,11 @@ class Net:
 def net(
     pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory, tls_cert: Any
 ) -> Iterator[Net]:
-    with PostgresCluster() as r_db, PostgresCluster() as b_db:
+    # Crash-safe: what PostgreSQL acknowledged as committed survives halt().
+    with (
+        PostgresCluster(crash_safe=True) as r_db,
+        PostgresCluster(crash_safe=True) as b_db,
+    ):
         factory = HomeserverFactory(
             tmp_path_factory.mktemp("faults"), tls_cert, Backend.postgres(pg_cluster)
         )
