@@ -22,9 +22,10 @@ n per endpoint instead, for a longer hunt.
 import json
 import os
 import string
+import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,8 +33,14 @@ import pytest
 from canonicaljson import encode_canonical_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from signedjson.sign import sign_json
 
-from synapse_relay.protocol import ORIGIN_AUTH
+from synapse_relay.protocol import (
+    FEDERATION_PREFIX,
+    KEYS_PREFIX,
+    ORIGIN_AUTH,
+    UNSTABLE_PREFIX,
+)
 from tests.harness.fedclient import FakeServer, FakeServerFactory, quote
 from tests.harness.homeserver import (
     Homeserver,
@@ -86,7 +93,8 @@ def mostly(
     return weighted((3, usual), (1, st.one_of(*others)))
 
 
-FED = "/_matrix/federation/v1"
+FED = FEDERATION_PREFIX
+UNSTABLE = UNSTABLE_PREFIX
 ADMIN = "/_synapse/relay/v1"
 
 # --- JSON texts -------------------------------------------------------------------
@@ -317,6 +325,7 @@ class Net:
     bob: FakeServer  # the deposits' main destination
     carol: FakeServer  # collects under fuzzing
     dave: FakeServer  # checks that the relay still serves
+    erin: FakeServer  # keeps keys under fuzzing
     admin_token: str
     user_token: str
     sent: Counter[str] = field(default_factory=Counter)
@@ -326,7 +335,7 @@ class Net:
 def net(
     homeserver_factory: HomeserverFactory, fake_servers: FakeServerFactory
 ) -> Iterator[Net]:
-    alice, bob, carol, dave = (fake_servers.create() for _ in range(4))
+    alice, bob, carol, dave, erin = (fake_servers.create() for _ in range(5))
     hs = homeserver_factory.create(
         {
             "relay": {"enabled": True, "destinations": ["*"]},
@@ -341,6 +350,7 @@ def net(
             bob=bob,
             carol=carol,
             dave=dave,
+            erin=erin,
             admin_token=hs.register_user("admin", admin=True),
             user_token=hs.register_user("user"),
         )
@@ -476,7 +486,7 @@ def test_deposits(net: Net) -> None:
     # destination -> txn id -> the body first answered 200
     stored: dict[str, dict[str, Any]] = {}
 
-    @fuzz(250)
+    @fuzz(200)
     @given(txn_id=txn_ids, user_id=user_ids(net.bob.server_name), body=bodies)
     def deposit(txn_id: str, user_id: str, body: bytes | None) -> None:
         uri = f"{FED}/send_relay/{txn_id}/{user_id}"
@@ -512,22 +522,114 @@ def entries(net: Net, owner: FakeServer) -> dict[int, str]:
     return dict(rows)
 
 
-def named_entry_ids(body: bytes | None, query: str) -> set[int]:
-    """Every integer a collect request names as the entry it acknowledges."""
-    named: set[int] = set()
-    content = signable(body)
-    if isinstance(content, dict) and isinstance(content.get("entry_id"), int):
-        named.add(content["entry_id"])
-    for value in urllib.parse.parse_qs(query.lstrip("?")).get("entry_id", []):
-        if value.isascii() and value.isdigit():
-            named.add(int(value))
-    return named
+@dataclass(frozen=True)
+class Request:
+    """One federation request: what to send, and as whom."""
+
+    method: str
+    uri: str
+    body: bytes | None
+    sign_body: bool
+    by_owner: bool
+
+    def named_entry_ids(self, key: str) -> set[int]:
+        """Every integer the request names under `key` (in the body, also in
+        the query), that is, as entries it acknowledges."""
+        named: set[int] = set()
+        content = signable(self.body) if self.sign_body else None
+        value = content.get(key) if isinstance(content, dict) else None
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int):
+                named.add(item)
+        query = urllib.parse.urlsplit(self.uri).query
+        for text in urllib.parse.parse_qs(query).get(key, []):
+            if text.isascii() and text.isdigit():
+                named.add(int(text))
+        return named
 
 
-def test_collects(net: Net) -> None:
-    """GET relay_txn/{userID}: whatever the path, query and body, signed or not,
-    by the owner or not, a 4xx or a 200; an entry is gone only if a request
-    answered 200 named it, and every 200 hands out an entry as it was stored."""
+def relay_txn_requests(owner: str) -> st.SearchStrategy[Request]:
+    return st.builds(
+        lambda method, user_id, query, body, sign_body, by_owner: Request(
+            method, f"{FED}/relay_txn/{user_id}{query}", body, sign_body, by_owner
+        ),
+        mostly(st.just("GET"), st.sampled_from(["PUT", "POST", "DELETE"])),
+        user_ids(owner),
+        queries,
+        mostly(
+            st.one_of(
+                st.none(),
+                st.integers(0, 100).map(lambda n: b'{"entry_id": %d}' % n),
+            ),
+            bodies,
+        ),
+        mostly(st.just(True), st.just(False)),
+        mostly(st.just(True), st.just(False)),
+    )
+
+
+def batch_collect_requests(owner: str) -> st.SearchStrategy[Request]:
+    acknowledge = st.one_of(
+        st.lists(st.integers(0, 100).map(str), max_size=5).map(json_array),
+        json_texts(hostile=True),
+    )
+    limit = st.one_of(st.integers(-2, 200).map(str), json_texts(hostile=True))
+    return st.builds(
+        lambda method, user_id, query, body, sign_body, by_owner: Request(
+            method, f"{UNSTABLE}/collect/{user_id}{query}", body, sign_body, by_owner
+        ),
+        mostly(st.just("POST"), st.sampled_from(["GET", "PUT", "DELETE"])),
+        user_ids(owner),
+        mostly(st.just(""), queries),
+        mostly(
+            st.builds(
+                lambda ack, lim: json_object([*ack, *lim]).encode(),
+                st.lists(st.tuples(st.just('"acknowledge"'), acknowledge), max_size=1),
+                st.lists(st.tuples(st.just('"limit"'), limit), max_size=1),
+            ),
+            bodies,
+        ),
+        mostly(st.just(True), st.just(False)),
+        mostly(st.just(True), st.just(False)),
+    )
+
+
+def relay_txn_handed_out(answer: Any) -> list[tuple[int, dict]]:
+    if not answer["entries_queued"]:
+        return []
+    return [(answer["entry_id"], answer["transaction"])]
+
+
+def batch_handed_out(answer: Any) -> list[tuple[int, dict]]:
+    return [(entry["entry_id"], entry["transaction"]) for entry in answer["entries"]]
+
+
+@dataclass(frozen=True)
+class CollectEndpoint:
+    name: str
+    requests: Callable[[str], st.SearchStrategy[Request]]
+    # the key naming acknowledged entries
+    acknowledge: str
+    handed_out: Callable[[Any], list[tuple[int, dict]]]
+    examples: int
+
+
+COLLECT_ENDPOINTS = [
+    CollectEndpoint(
+        "relay_txn", relay_txn_requests, "entry_id", relay_txn_handed_out, 120
+    ),
+    CollectEndpoint(
+        "collect", batch_collect_requests, "acknowledge", batch_handed_out, 100
+    ),
+]
+
+
+@pytest.mark.parametrize("endpoint", COLLECT_ENDPOINTS, ids=lambda e: e.name)
+def test_collects(net: Net, endpoint: CollectEndpoint) -> None:
+    """GET relay_txn/{userID} and POST unstable collect/{userID}: whatever the
+    method, path, query and body, signed or not, by the owner or not, a 4xx or a
+    200; an entry is gone only if a request answered 200 acknowledged it, and
+    every 200 hands out entries as they were stored."""
     for n in range(5):
         txn = {"pdus": [{"n": n}], "edus": []}
         deposit_ok(net, net.alice, net.carol.server_name, f"carol-{n}", txn)
@@ -535,40 +637,25 @@ def test_collects(net: Net) -> None:
     assert len(held) == 5
     named: set[int] = set()
 
-    @fuzz(150)
-    @given(
-        method=mostly(st.just("GET"), st.sampled_from(["PUT", "POST", "DELETE"])),
-        user_id=user_ids(net.carol.server_name),
-        query=queries,
-        body=mostly(
-            st.one_of(
-                st.none(),
-                st.integers(0, 100).map(lambda n: b'{"entry_id": %d}' % n),
-            ),
-            bodies,
-        ),
-        sign_body=mostly(st.just(True), st.just(False)),
-        by_owner=mostly(st.just(True), st.just(False)),
-    )
-    def collect(
-        method: str,
-        user_id: str,
-        query: str,
-        body: bytes | None,
-        sign_body: bool,
-        by_owner: bool,
-    ) -> None:
-        sender = net.carol if by_owner else net.alice
-        uri = f"{FED}/relay_txn/{user_id}{query}"
+    @fuzz(endpoint.examples)
+    @given(request=endpoint.requests(net.carol.server_name))
+    def collect(request: Request) -> None:
+        sender = net.carol if request.by_owner else net.alice
         status, value = federation(
-            net, sender, method, uri, body, "relay_txn", sign_body
+            net,
+            sender,
+            request.method,
+            request.uri,
+            request.body,
+            endpoint.name,
+            request.sign_body,
         )
         if status != 200:
             return
-        named.update(named_entry_ids(body if sign_body else None, query))
-        if value["entries_queued"]:
-            assert held[value["entry_id"]] == value["transaction"]["transaction_id"]
-            assert value["transaction"]["origin"] == net.alice.server_name
+        named.update(request.named_entry_ids(endpoint.acknowledge))
+        for entry_id, transaction in endpoint.handed_out(value):
+            assert held[entry_id] == transaction["transaction_id"]
+            assert transaction["origin"] == net.alice.server_name
 
     collect()
     after = entries(net, net.carol)
@@ -625,4 +712,118 @@ def test_admin_api(net: Net) -> None:
     for destination, value in answered.items():
         path = f"{ADMIN}/relays/{quote(destination)}"
         assert admin(net, "GET", path, None, net.admin_token) == (200, value)
+    assert_still_serves(net)
+
+
+# --- the key mailbox ------------------------------------------------------------------
+
+values = json_texts(hostile=False).map(json.loads)
+local_parts = st.text(PCHARS.replace(":", ""), min_size=1, max_size=6)
+device_ids = st.text(string.ascii_uppercase, min_size=1, max_size=4)
+
+
+def snapshots(owner: FakeServer) -> st.SearchStrategy[dict]:
+    """Snapshots of `owner`'s users, mostly signed by `owner` (their devices'
+    keys are not signed: devices with `keys` are refused)."""
+    snapshot = st.fixed_dictionaries(
+        {
+            "user_id": mostly(
+                local_parts.map(lambda local: f"@{local}:{owner.server_name}"), values
+            ),
+            "ts": mostly(
+                st.integers(0, 10**6).map(lambda ago: int(time.time() * 1000) - ago),
+                values,
+            ),
+            "stream_id": mostly(st.integers(0, 100), values),
+            "devices": mostly(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"device_id": device_ids}, optional={"keys": values}
+                    ),
+                    max_size=3,
+                ),
+                values,
+            ),
+        },
+        optional={
+            "master_key": values,
+            "self_signing_key": values,
+            "fallback_keys": values,
+            "display": values,
+        },
+    )
+    return weighted(
+        (3, snapshot.map(lambda s: sign_json(s, owner.server_name, owner.signing_key))),
+        (1, snapshot),
+    )
+
+
+def key_requests(owner: FakeServer) -> st.SearchStrategy[Request]:
+    server = mostly(st.just(quote(owner.server_name)), segments)
+    users = local_parts.map(lambda local: f"@{local}:{owner.server_name}")
+    upload = st.builds(
+        lambda snapshots, one_time_keys: encode_canonical_json(
+            {"snapshots": snapshots, **one_time_keys}
+        ),
+        st.lists(snapshots(owner), max_size=3),
+        st.fixed_dictionaries({}, optional={"one_time_keys": values}),
+    )
+    query = st.dictionaries(users, st.lists(device_ids, max_size=2), max_size=3).map(
+        lambda wanted: encode_canonical_json({"device_keys": wanted})
+    )
+    claim = st.dictionaries(
+        users,
+        st.dictionaries(device_ids, st.sampled_from(["signed_curve25519", "x"])),
+        max_size=3,
+    ).map(lambda wanted: encode_canonical_json({"one_time_keys": wanted}))
+    endpoints = st.one_of(
+        st.tuples(st.just("POST"), st.just("upload"), mostly(upload, bodies)),
+        st.tuples(st.just("GET"), st.just("stock"), mostly(st.none(), bodies)),
+        st.tuples(
+            st.just("GET"),
+            mostly(users.map(quote), segments).map(lambda u: f"user/devices/{u}"),
+            mostly(st.none(), bodies),
+        ),
+        st.tuples(st.just("POST"), st.just("user/keys/query"), mostly(query, bodies)),
+        st.tuples(st.just("POST"), st.just("user/keys/claim"), mostly(claim, bodies)),
+        st.tuples(st.sampled_from(["PUT", "DELETE"]), segments, bodies),
+    )
+    return st.builds(
+        lambda server, endpoint, method, by_owner: Request(
+            endpoint[0] if method is None else method,
+            f"{KEYS_PREFIX}/{server}/{endpoint[1]}",
+            endpoint[2],
+            True,
+            by_owner,
+        ),
+        server,
+        endpoints,
+        mostly(st.none(), st.sampled_from(["GET", "POST", "PUT"])),
+        mostly(st.just(True), st.just(False)),
+    )
+
+
+def test_key_mailbox(net: Net) -> None:
+    """The key mailbox's endpoints (upload, stock, user/devices, user/keys/query
+    and claim): whatever the method, path and body, by the owner or not, a 4xx or
+    a 200; the relay then holds the keys of every user an upload answered 200."""
+    uploaded: set[str] = set()
+
+    @fuzz(150)
+    @given(request=key_requests(net.erin))
+    def call(request: Request) -> None:
+        sender = net.erin if request.by_owner else net.alice
+        status, _ = federation(
+            net, sender, request.method, request.uri, request.body, "keys"
+        )
+        if status == 200 and request.uri.endswith("/upload"):
+            assert request.by_owner
+            content = json.loads(request.body or b"")
+            uploaded.update(snapshot["user_id"] for snapshot in content["snapshots"])
+
+    call()
+    uri = f"{KEYS_PREFIX}/{quote(net.erin.server_name)}/stock"
+    status, stock = federation(net, net.erin, "GET", uri, None, "check")
+    assert status == 200, stock
+    assert uploaded <= stock["users"].keys()
     assert_still_serves(net)
