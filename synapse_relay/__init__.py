@@ -12,15 +12,19 @@ from synapse_relay.admin import (
     PREFIX,
     AdminResource,
     CollectEndpoint,
+    DiscoverEndpoint,
     QueuesEndpoint,
+    RegisteredEndpoint,
     RelaysEndpoint,
+    RelaysListEndpoint,
     StatusEndpoint,
 )
 from synapse_relay.collector import start_receive_role
 from synapse_relay.config import RelayModuleConfig, parse_config
+from synapse_relay.discovery import start_discovery
 from synapse_relay.keys import start_key_deposits, start_key_fallback, start_key_mailbox
 from synapse_relay.relay import start_relay_role
-from synapse_relay.sender import start_send_role
+from synapse_relay.sender import RelayDirectory, start_send_role
 from synapse_relay.store import RelayStore
 
 __all__ = ["RelayModule"]
@@ -35,7 +39,13 @@ class RelayModule:
         api.run_as_background_process("synapse_relay_schema", store.ensure_schema)
 
         relay = start_relay_role(config.relay, store, api)
-        sender = start_send_role(config.send, store, api)
+        directory = RelayDirectory(
+            config.send, store, api.get_current_time_msec, api.server_name
+        )
+        discovery = start_discovery(
+            config.receive, config.send, store, api, directory.invalidate
+        )
+        sender = start_send_role(config.send, directory, api, discovery.delivered)
         collector = start_receive_role(config.receive, store, api)
         mailbox = start_key_mailbox(config.relay, store, api)
         depositor = start_key_deposits(config.receive, api)
@@ -47,7 +57,10 @@ class RelayModule:
                 api,
                 [
                     QueuesEndpoint(store),
-                    RelaysEndpoint(config.send, store, api, sender),
+                    RelaysListEndpoint(directory),
+                    RelaysEndpoint(directory, discovery, store, api, sender),
+                    DiscoverEndpoint(config.send, directory, discovery, api),
+                    RegisteredEndpoint(config.relay, store, api),
                     StatusEndpoint(
                         {
                             "relay": relay.stats if relay else None,
@@ -59,6 +72,7 @@ class RelayModule:
                             "relay_keys": mailbox.stats if mailbox else None,
                             "receive_keys": depositor.stats if depositor else None,
                             "send_keys": key_fallback.stats,
+                            "discovery": discovery.stats,
                         }
                     ),
                     CollectEndpoint(collector, background_tasks_instance(api)),

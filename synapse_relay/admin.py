@@ -23,8 +23,10 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_relay._synapse import is_valid_server_name, read_json_object
 from synapse_relay.collector import Collector
-from synapse_relay.config import SendConfig
-from synapse_relay.sender import Sender, relays_of
+from synapse_relay.config import RelayConfig, SendConfig
+from synapse_relay.discovery import Discovery
+from synapse_relay.protocol import MAX_RELAYS
+from synapse_relay.sender import RelayDirectory, RelaysOfDestination, Sender
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import RelayStore
 
@@ -111,22 +113,28 @@ class CollectEndpoint:
 class RelaysEndpoint:
     """GET/PUT/DELETE relays/{destination}: the send role's relays of a destination.
 
-    PUT stores them in the database, where they override `send.relays` for that
-    destination (an empty list: no relays); DELETE reverts to `send.relays`. Each
-    answers the destination's relays as they now are. A change counts at once on
-    this process and within `sender.MAPPING_CACHE_MS` on the others.
+    PUT stores them in the database, where they override `send.relays` and the
+    discovered ones for that destination (an empty list: no relays); DELETE
+    reverts to `send.relays` (or what was discovered); `DELETE
+    ...?discovered=true` instead forgets the destination's advertisement (it is
+    fetched again after the next transaction the destination accepts). Each
+    answers the destination's relays as they now are (`describe`). A change
+    counts at once on this process and within `sender.MAPPING_CACHE_MS` on the
+    others.
     """
 
     PATH = "relays/(?P<destination>[^/]+)"
 
     def __init__(
         self,
-        config: SendConfig,
+        directory: RelayDirectory,
+        discovery: Discovery,
         store: RelayStore,
         api: ModuleApi,
         sender: Sender | None,
     ) -> None:
-        self._config = config
+        self._directory = directory
+        self._discovery = discovery
         self._store = store
         self._server_name = api.server_name
         self._sender = sender
@@ -134,59 +142,152 @@ class RelaysEndpoint:
     async def on_GET(
         self, request: SynapseRequest, destination: str
     ) -> tuple[int, JsonDict]:
-        self._check_destination(destination)
-        return 200, await self._describe(destination)
+        check_destination(destination, self._server_name)
+        return 200, describe(await self._directory.resolve(destination, fresh=True))
 
     async def on_PUT(
         self, request: SynapseRequest, destination: str
     ) -> tuple[int, JsonDict]:
-        self._check_destination(destination)
+        check_destination(destination, self._server_name)
         relays = parse_relays(
             read_json_object(request) or {}, destination, self._server_name
         )
         await self._store.set_send_relays(destination, relays)
         self._changed(destination)
-        return 200, await self._describe(destination)
+        return 200, describe(await self._directory.resolve(destination, fresh=True))
 
     async def on_DELETE(
         self, request: SynapseRequest, destination: str
     ) -> tuple[int, JsonDict]:
-        self._check_destination(destination)
-        await self._store.delete_send_relays(destination)
+        check_destination(destination, self._server_name)
+        discovered = parse_boolean(request, "discovered", False)
+        if discovered:
+            await self._discovery.forget(destination)
+        else:
+            await self._store.delete_send_relays(destination)
         self._changed(destination)
-        return 200, await self._describe(destination)
-
-    def _check_destination(self, destination: str) -> None:
-        if not is_valid_server_name(destination):
-            raise SynapseError(
-                400,
-                f"Invalid destination {destination!r}: expected a server name such"
-                " as example.org or example.org:8448",
-                Codes.INVALID_PARAM,
-            )
-        if destination == self._server_name:
-            raise SynapseError(
-                400,
-                f"{destination} is this server: it has no relays to send to",
-                Codes.INVALID_PARAM,
-            )
+        return 200, describe(await self._directory.resolve(destination, fresh=True))
 
     def _changed(self, destination: str) -> None:
+        self._directory.invalidate()
         if self._sender is not None:
             self._sender.mapping_changed(destination)
 
-    async def _describe(self, destination: str) -> JsonDict:
-        found = await relays_of(self._config, self._store, destination)
-        return {
-            "destination": destination,
-            "relays": list(found.relays),
-            "source": found.source,
-            "config_relays": list(found.config_relays),
+
+class RelaysListEndpoint:
+    """GET relays: every destination with relays from any source, or whose
+    advertisement this server holds."""
+
+    PATH = "relays"
+
+    def __init__(self, directory: RelayDirectory) -> None:
+        self._directory = directory
+
+    async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
+        found = await self._directory.everything()
+        return 200, {"destinations": [describe(f) for f in found]}
+
+
+class DiscoverEndpoint:
+    """POST relays/{destination}/discover: fetch the destination's advertisement
+    now (as discovery does after a transaction it accepted, once per
+    `send.discover_interval`), and answer what came of it and the destination's
+    relays as they now are."""
+
+    PATH = "relays/(?P<destination>[^/]+)/discover"
+
+    def __init__(
+        self,
+        config: SendConfig,
+        directory: RelayDirectory,
+        discovery: Discovery,
+        api: ModuleApi,
+    ) -> None:
+        self._config = config
+        self._directory = directory
+        self._discovery = discovery
+        self._server_name = api.server_name
+
+    async def on_POST(
+        self, request: SynapseRequest, destination: str
+    ) -> tuple[int, JsonDict]:
+        check_destination(destination, self._server_name)
+        if not self._config.discover:
+            raise SynapseError(
+                400, "Discovery is off (send.discover is false)", Codes.UNKNOWN
+            )
+        outcome = await self._discovery.fetch(destination)
+        found = await self._directory.resolve(destination, fresh=True)
+        return 200, {"fetch": outcome.to_json(), **describe(found)}
+
+
+class RegisteredEndpoint:
+    """GET registered: the servers this relay holds mail for because they
+    registered (`relay.serve_registered`), with when they last collected."""
+
+    PATH = "registered"
+
+    def __init__(self, config: RelayConfig, store: RelayStore, api: ModuleApi) -> None:
+        self._config = config
+        self._store = store
+        self._api = api
+
+    async def on_GET(self, request: SynapseRequest) -> tuple[int, JsonDict]:
+        since = self._api.get_current_time_msec() - self._config.retention_ms
+        registered = await self._store.registered(since)
+        return 200, {
+            "serve_registered": self._config.serve_registered,
+            "registered": [
+                {"server_name": name, "last_collect_ts": ts}
+                for name, ts in registered.items()
+            ],
         }
 
 
-# At most this many relays per destination: each transaction goes to all of them.
-MAX_RELAYS = 20
+def describe(found: RelaysOfDestination) -> JsonDict:
+    """A destination's relays as the admin API shows them."""
+    held = found.discovered
+    return {
+        "destination": found.destination,
+        "relays": list(found.relays),
+        "source": found.source.value,
+        "config_relays": list(found.config_relays),
+        "discovered": None
+        if held is None
+        else {
+            "relays": list(held.advertisement.relays),
+            "ts": held.advertisement.ts,
+            "valid_until_ts": held.advertisement.valid_until_ts,
+            "fetched_ts": held.fetched_ts,
+        },
+    }
+
+
+def check_destination(destination: str, own_server_name: str) -> None:
+    if not is_valid_server_name(destination):
+        raise SynapseError(
+            400,
+            f"Invalid destination {destination!r}: expected a server name such"
+            " as example.org or example.org:8448",
+            Codes.INVALID_PARAM,
+        )
+    if destination == own_server_name:
+        raise SynapseError(
+            400,
+            f"{destination} is this server: it has no relays to send to",
+            Codes.INVALID_PARAM,
+        )
+
+
+def parse_boolean(request: SynapseRequest, name: str, default: bool) -> bool:
+    """`?name=true|false`; 400 for anything else."""
+    values = request.args.get(name.encode("ascii"), [])
+    if not values:
+        return default
+    value: bytes = values[-1]
+    if value in (b"true", b"false"):
+        return value == b"true"
+    raise SynapseError(400, f"{name} must be true or false", Codes.INVALID_PARAM)
 
 
 def parse_relays(

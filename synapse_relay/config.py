@@ -53,6 +53,9 @@ class RelayConfig:
     push: bool = True
     # The cap of the backoff between probes of a destination that does not answer.
     push_interval_max_ms: int = _MS_PER_UNIT["m"]
+    # Also hold mail for every server that registered by collecting from this
+    # relay within the retention (docs/discovery.rst).
+    serve_registered: bool = False
 
     def holds_mail_for(self, destination: str) -> bool:
         return "*" in self.destinations or destination in self.destinations
@@ -68,6 +71,10 @@ class SendConfig:
     # destination -> its relays, in the order they are tried
     relays: Mapping[str, tuple[str, ...]] = attr.Factory(dict)
     attempts_before_relay: int = 3
+    # Learn destinations' relays from their advertisements (discovery.py), and
+    # fetch each one again when the copy held is older than this.
+    discover: bool = True
+    discover_interval_ms: int = _MS_PER_UNIT["h"]
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -126,11 +133,10 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         "max_key_users_per_destination",
         "push",
         "push_interval_max",
+        "serve_registered",
     )
     config = RelayConfig(
-        enabled=section.get(
-            "enabled", defaults.enabled, _boolean, "must be true or false"
-        ),
+        enabled=section.boolean("enabled", defaults.enabled),
         destinations=section.server_names("destinations", defaults.destinations, True),
         origins=section.server_names("origins", defaults.origins, True),
         max_transactions_per_destination=section.positive_int(
@@ -148,12 +154,14 @@ def _parse_relay(section: "_Section") -> RelayConfig:
         push_interval_max_ms=section.duration(
             "push_interval_max", defaults.push_interval_max_ms
         ),
+        serve_registered=section.boolean("serve_registered", defaults.serve_registered),
     )
-    if config.enabled and not config.destinations:
+    if config.enabled and not config.destinations and not config.serve_registered:
         section.fail(
             "destinations",
             "must list the server names whose mail this relay holds "
-            '(or ["*"] for anyone) when relay.enabled is true',
+            '(or ["*"] for anyone) when relay.enabled is true and'
+            " relay.serve_registered is not",
             config.destinations,
         )
     if config.retention_ms < 1000:
@@ -168,7 +176,10 @@ def _parse_relay(section: "_Section") -> RelayConfig:
 
 
 def _parse_send(section: "_Section") -> SendConfig:
-    section.only_keys("relays", "attempts_before_relay")
+    defaults = SendConfig()
+    section.only_keys(
+        "relays", "attempts_before_relay", "discover", "discover_interval"
+    )
     raw_relays: Mapping[Any, Any] = section.get(
         "relays", {}, _mapping, "must be a mapping of server name to a list of relays"
     )
@@ -179,12 +190,23 @@ def _parse_send(section: "_Section") -> SendConfig:
         relays[destination] = section.subsection("relays").server_names(
             destination, (), False
         )
-    return SendConfig(
+    config = SendConfig(
         relays=relays,
         attempts_before_relay=section.positive_int(
-            "attempts_before_relay", SendConfig().attempts_before_relay
+            "attempts_before_relay", defaults.attempts_before_relay
+        ),
+        discover=section.boolean("discover", defaults.discover),
+        discover_interval_ms=section.duration(
+            "discover_interval", defaults.discover_interval_ms
         ),
     )
+    if config.discover_interval_ms < 1000:
+        section.fail(
+            "discover_interval",
+            "must be at least 1s",
+            section.raw.get("discover_interval"),
+        )
+    return config
 
 
 def _parse_receive(section: "_Section") -> ReceiveConfig:
@@ -284,6 +306,9 @@ class _Section:
             return convert(self.raw[key])
         except ValueError:
             self.fail(key, expected, self.raw[key])
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self.get(key, default, _boolean, "must be true or false")
 
     def positive_int(self, key: str, default: int) -> int:
         return self.get(key, default, _positive_int, "must be an integer >= 1")

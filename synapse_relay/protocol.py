@@ -9,12 +9,22 @@ from urllib.parse import quote
 
 FEDERATION_PREFIX = "/_matrix/federation/v1"
 
+# The namespace of this project's unstable identifiers (DESIGN.md section 2b).
+UNSTABLE_NAMESPACE = "synapse_relay"
+
+# The federation query type of relay discovery (DESIGN.md 2b, "Relay discovery"):
+# GET /_matrix/federation/v1/query/synapse_relay.relays
+RELAYS_QUERY_TYPE = f"{UNSTABLE_NAMESPACE}.relays"
+
 # The localpart of the user ID this module puts in relay paths for a server's
 # mailbox. Chosen to be obviously not a person; the relay ignores it.
 MAILBOX_LOCALPART = "_relay"
 
 MAX_PDUS = 50
 MAX_EDUS = 100
+
+# At most this many relays per destination: each transaction goes to all of them.
+MAX_RELAYS = 20
 
 
 def mailbox_user_id(server_name: str) -> str:

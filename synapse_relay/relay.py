@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 255
 MAX_ENTRY_ID = 2**63 - 1
 
+# A registration (relay.serve_registered) is written again at most this often
+# per server and process: a collection every few seconds costs no write each.
+REGISTRATION_REFRESH_MS = 60 * 60 * 1000
+
 # How often expired entries are purged: a tenth of the retention, within these.
 MAX_PURGE_INTERVAL_MS = 60 * 60 * 1000
 MIN_PURGE_INTERVAL_MS = 1000
@@ -66,6 +70,7 @@ RELAY_COUNTERS = {
     " request or the body (400), or not verifying (401)",
     "collects": "relay_txn and batch collect requests served to the owner of a queue",
     "collects_refused": "relay_txn and batch collect requests refused: not the owner",
+    "registrations": "Servers that registered by collecting (relay.serve_registered)",
     "acknowledged": "Entries deleted because their owner acknowledged them",
     "purged": "Entries deleted because they were older than the retention",
 }
@@ -269,9 +274,12 @@ def start_relay_role(
         desc="synapse_relay_purge",
     )
     relay.pusher = start_pusher(config, store, relay.acknowledge, api)
+    served = list(config.destinations)
+    if config.serve_registered:
+        served.append("every server that registered by collecting")
     logger.info(
         "Relay role enabled: holding mail for %s, deposits from %s",
-        ", ".join(config.destinations),
+        ", ".join(served),
         ", ".join(config.origins),
     )
     return relay
@@ -295,15 +303,49 @@ class Relay:
         )
         # Delivers proven entries itself, on the process that runs background tasks.
         self.pusher: Pusher | None = None
+        # server -> when it last registered, as far as this process knows
+        self._registered: dict[str, int] = {}
 
     async def acknowledge(self, destination: str, entry_id: int) -> bool:
         """Delete an entry of `destination` (delivered by push.py) as its owner's
         acknowledgement does; whether it was still there."""
         return await self.store.acknowledge(destination, entry_id)
 
-    def owned_mailbox(self, origin: str, user_id: str) -> str:
+    async def holds_mail_for(self, destination: str) -> bool:
+        """Whether deposits for `destination` are accepted: it is listed in
+        `relay.destinations`, or (`relay.serve_registered`) it registered within
+        the retention."""
+        if self.config.holds_mail_for(destination):
+            return True
+        if not self.config.serve_registered:
+            return False
+        since = self.api.get_current_time_msec() - self.config.retention_ms
+        if self._registered.get(destination, -1) >= since:
+            return True
+        registered_ts = await self.store.registered_at(destination, since)
+        if registered_ts is None:
+            return False
+        self._registered[destination] = registered_ts
+        return True
+
+    async def collected_by_owner(self, server_name: str) -> None:
+        """`server_name` proved who it is by collecting (a signed request):
+        with `relay.serve_registered`, it is registered."""
+        if not self.config.serve_registered:
+            return
+        now = self.api.get_current_time_msec()
+        if now - self._registered.get(server_name, -1) < REGISTRATION_REFRESH_MS:
+            return
+        await self.store.register(server_name, now)
+        if server_name not in self._registered:
+            self.stats.inc("registrations")
+            logger.info("%s registered: this relay holds its mail", server_name)
+        self._registered[server_name] = now
+
+    async def owned_mailbox(self, origin: str, user_id: str) -> str:
         """The destination whose mail `user_id` names, if `origin` owns it: 400 for
-        a bad user ID, 403 when `origin` is not its owner."""
+        a bad user ID, 403 when `origin` is not its owner. The owner, having proved
+        who it is, is registered (`collected_by_owner`)."""
         destination = destination_of(user_id)
         if origin != destination:
             self.stats.inc("collects_refused")
@@ -311,6 +353,7 @@ class Relay:
             raise SynapseError(
                 403, f"Only {destination} may collect its own mail", Codes.FORBIDDEN
             )
+        await self.collected_by_owner(origin)
         return destination
 
     async def purge_expired(self) -> None:
@@ -345,7 +388,7 @@ class SendRelayEndpoint:
         validate_txn_id(txn_id)
         if not relay.config.accepts_from(origin):
             self._refuse(f"This relay does not accept deposits from {origin}")
-        if not relay.config.holds_mail_for(destination):
+        if not await relay.holds_mail_for(destination):
             self._refuse(f"This relay does not hold mail for {destination}")
         now_ms = relay.api.get_current_time_msec()
         proof = None
@@ -476,7 +519,7 @@ class RelayTxnEndpoint:
         self, origin: str, content: JsonDict | None, query: Query, user_id: str
     ) -> tuple[int, JsonDict]:
         relay = self._relay
-        destination = relay.owned_mailbox(origin, user_id)
+        destination = await relay.owned_mailbox(origin, user_id)
         acknowledged = parse_entry_id(content, query)
         collected = await relay.store.acknowledge_and_get_oldest(
             destination, acknowledged
@@ -548,7 +591,7 @@ class CollectEndpoint:
         self, origin: str, content: JsonDict | None, query: Query, user_id: str
     ) -> tuple[int, JsonDict]:
         relay = self._relay
-        destination = relay.owned_mailbox(origin, user_id)
+        destination = await relay.owned_mailbox(origin, user_id)
         acknowledged, limit = parse_collect_body(content)
         batch = await relay.store.acknowledge_and_get_batch(
             destination, acknowledged, limit, COLLECT_MAX_BYTES

@@ -83,7 +83,7 @@ from synapse_relay.config import SendConfig
 from synapse_relay.proof import OriginProof, signed_request, transaction_of
 from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
 from synapse_relay.stats import RoleStats
-from synapse_relay.store import RelayStore
+from synapse_relay.store import Discovered, RelayStore
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ TRANSACTION_COUNTERS = {
     "direct_rejected": "Transactions a destination that has relays answered with an"
     " error such as 400 or 403 (never relayed)",
     "fallbacks": "Transactions handed to the relays of their destination",
+    "fallbacks_discovered": "Fallbacks to relays learnt from the destination's"
+    " advertisement (discovery)",
     "early_deposits": "Transactions deposited because their direct attempts had no"
     " answer within DEPOSIT_AFTER_MS (the attempts went on)",
     "fallbacks_failed": "Transactions that no relay accepted (left to Synapse)",
@@ -275,36 +277,69 @@ def usable_relays(
     return tuple(result)
 
 
+class Source(enum.Enum):
+    """Where the relays of a destination come from, in order of precedence."""
+
+    ADMIN = "admin"  # set through the admin API (database)
+    CONFIG = "config"  # send.relays
+    DISCOVERED = "discovered"  # the destination's advertisement (discovery.py)
+    NONE = "none"
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class RelaysOfDestination:
     """What relays a destination has, and where that comes from."""
 
+    destination: str
+    # the relays used, without the destination itself or this server
     relays: tuple[str, ...]
-    # "admin": set through the admin API; "config": send.relays; "none"
-    source: str
+    source: Source
     config_relays: tuple[str, ...]
+    # the destination's advertisement held, whether it is used or not
+    discovered: Discovered | None
 
 
-async def relays_of(
-    config: SendConfig, store: RelayStore, destination: str
+def choose_relays(
+    destination: str,
+    config: SendConfig,
+    admin: tuple[str, ...] | None,
+    discovered: Discovered | None,
+    now_ms: int,
+    own_server_name: str,
 ) -> RelaysOfDestination:
-    """The relays of `destination`, read from the database now (for the admin API)."""
+    """The one rule: the admin API's relays of `destination`, else `send.relays`,
+    else (with `send.discover`) those of its advertisement while it is valid."""
     config_relays = tuple(config.relays.get(destination, ()))
-    admin_relays = await store.send_relays_for(destination)
-    if admin_relays is not None:
-        return RelaysOfDestination(admin_relays, "admin", config_relays)
-    if destination in config.relays:
-        return RelaysOfDestination(config_relays, "config", config_relays)
-    return RelaysOfDestination((), "none", config_relays)
+    relays: Sequence[str]
+    if admin is not None:
+        relays, source = admin, Source.ADMIN
+    elif destination in config.relays:
+        relays, source = config_relays, Source.CONFIG
+    elif (
+        config.discover
+        and discovered is not None
+        and discovered.advertisement.valid_until_ts > now_ms
+    ):
+        relays, source = discovered.advertisement.relays, Source.DISCOVERED
+    else:
+        relays, source = (), Source.NONE
+    return RelaysOfDestination(
+        destination,
+        usable_relays(destination, relays, own_server_name),
+        source,
+        config_relays,
+        discovered,
+    )
 
 
 class RelayDirectory:
-    """The relays of each destination: the admin API's, else the configuration's.
+    """The relays of each destination (`choose_relays`), from the admin API's and
+    the discovered ones in the database, and the configuration.
 
-    The admin API's are read from the database at most once per `MAPPING_CACHE_MS`
-    (one query for all destinations), so that a change made on any worker reaches
-    the federation sender within that time; `invalidate` makes a change made on
-    this process count at once.
+    The database is read at most once per `MAPPING_CACHE_MS` (one query for all
+    destinations of each kind), so that a change made on any worker reaches the
+    federation sender within that time; `invalidate` makes a change made on this
+    process count at once, and `resolve(..., fresh=True)` reads the database now.
     """
 
     def __init__(
@@ -319,40 +354,78 @@ class RelayDirectory:
         self._clock_ms = clock_ms
         self._own_server_name = own_server_name
         self._admin: Mapping[str, tuple[str, ...]] | None = None
+        self._discovered: Mapping[str, Discovered] = {}
         self._loaded_ms: int | None = None
 
     def invalidate(self) -> None:
         self._loaded_ms = None
 
     async def relays_for(self, destination: str) -> tuple[str, ...]:
-        admin = await self._admin_relays()
-        relays = admin.get(destination)
-        if relays is None:
-            relays = self._config.relays.get(destination, ())
-        return usable_relays(destination, relays, self._own_server_name)
+        return (await self.resolve(destination)).relays
 
-    async def _admin_relays(self) -> Mapping[str, tuple[str, ...]]:
+    async def resolve(
+        self, destination: str, fresh: bool = False
+    ) -> RelaysOfDestination:
+        if fresh:
+            admin = await self._store.send_relays_for(destination)
+            discovered = await self._store.discovered_for(destination)
+        else:
+            admin_relays, discovered_relays = await self._mappings()
+            admin = admin_relays.get(destination)
+            discovered = discovered_relays.get(destination)
+        return choose_relays(
+            destination,
+            self._config,
+            admin,
+            discovered,
+            self._clock_ms(),
+            self._own_server_name,
+        )
+
+    async def everything(self) -> list[RelaysOfDestination]:
+        """Every destination that has relays from any source or an advertisement
+        held, read from the database now, sorted by destination."""
+        admin = await self._store.send_relays()
+        discovered = await self._store.discovered()
+        now = self._clock_ms()
+        return [
+            choose_relays(
+                destination,
+                self._config,
+                admin.get(destination),
+                discovered.get(destination),
+                now,
+                self._own_server_name,
+            )
+            for destination in sorted({*admin, *self._config.relays, *discovered})
+        ]
+
+    async def _mappings(
+        self,
+    ) -> tuple[Mapping[str, tuple[str, ...]], Mapping[str, Discovered]]:
         now = self._clock_ms()
         if (
             self._admin is not None
             and self._loaded_ms is not None
             and now - self._loaded_ms < MAPPING_CACHE_MS
         ):
-            return self._admin
+            return self._admin, self._discovered
         if self._admin is not None:
-            # Callers meanwhile keep using the mapping loaded before.
+            # Callers meanwhile keep using the mappings loaded before.
             self._loaded_ms = now
         try:
             admin = await self._store.send_relays()
+            discovered = await self._store.discovered() if self._config.discover else {}
         except Exception as e:
             logger.warning(
-                "Could not read the relays set through the admin API (%s): using %s",
+                "Could not read the relays set through the admin API or discovered"
+                " (%s): using %s",
                 e,
                 "the ones read before" if self._admin is not None else "the config",
             )
-            return self._admin if self._admin is not None else {}
-        self._admin, self._loaded_ms = admin, now
-        return admin
+            return (self._admin or {}), self._discovered
+        self._admin, self._discovered, self._loaded_ms = admin, discovered, now
+        return admin, discovered
 
 
 class Federation(Protocol):
@@ -407,11 +480,15 @@ class Sender:
         directory: RelayDirectory,
         federation: Federation,
         api: ModuleApi,
+        on_delivered: Callable[[str], None] = lambda destination: None,
     ) -> None:
+        """`on_delivered(destination)` is called after each transaction the
+        destination itself accepted (it must be quick and never raise)."""
         self._config = config
         self.directory = directory
         self._federation = federation
         self._api = api
+        self._on_delivered = on_delivered
         self.destinations = Destinations()
         self.relay_health = RelayHealth()
         self.stats = SendStats(self.destinations)
@@ -427,12 +504,15 @@ class Sender:
         """Send one transaction Synapse built; what the destination answered, or an
         empty answer when a relay took it. Raises what Synapse expects from a
         failure."""
-        relays = await self.directory.relays_for(txn.destination)
+        found = await self.directory.resolve(txn.destination)
+        relays = found.relays
         if not relays:
-            return await send_as_synapse()
+            response = await send_as_synapse()
+            self._on_delivered(txn.destination)
+            return response
 
         if self.destinations.is_down(txn.destination):
-            if await self._deposit(txn, relays):
+            if await self._deposit(txn, found):
                 return SENT_TO_RELAY
             raise await self._nobody_took_it(txn, relays, None)
         decision = await _Race(
@@ -441,7 +521,7 @@ class Sender:
             txn,
             self.destinations.get(txn.destination),
             direct=lambda: self._direct_outcome(txn),
-            deposit=lambda: self._deposit(txn, relays),
+            deposit=lambda: self._deposit(txn, found),
         ).run()
         if decision.response is not None:
             return decision.response
@@ -527,6 +607,7 @@ class Sender:
             else:
                 if self.destinations.mark_up(destination, self._now()):
                     self._recovered(destination, "it answered a transaction")
+                self._on_delivered(destination)
                 return response
         assert failure is not None
         logger.info(
@@ -562,15 +643,21 @@ class Sender:
             txn, timeout_ms=DIRECT_TIMEOUT_MS, ignore_backoff=True
         )
 
-    async def _deposit(self, txn: OutgoingTransaction, relays: Sequence[str]) -> bool:
-        """Deposit on every usable relay in parallel; whether one accepted it.
+    async def _deposit(
+        self, txn: OutgoingTransaction, found: RelaysOfDestination
+    ) -> bool:
+        """Deposit on every usable relay of `found` in parallel; whether one
+        accepted it.
 
         Returns as soon as one relay accepted it: the other deposits go on in the
         background and are counted when they end.
         """
         destination = txn.destination
+        relays = found.relays
         self.destinations.get(destination).fallbacks += 1
         self.stats.inc("fallbacks")
+        if found.source is Source.DISCOVERED:
+            self.stats.inc("fallbacks_discovered")
         now = self._now()
         usable = [r for r in relays if self.relay_health.usable(r, now)]
         if not usable:
@@ -907,14 +994,18 @@ class _Race:
 
 
 def start_send_role(
-    config: SendConfig, store: RelayStore, api: ModuleApi
+    config: SendConfig,
+    directory: RelayDirectory,
+    api: ModuleApi,
+    on_delivered: Callable[[str], None],
 ) -> Sender | None:
     """Hook the send role into Synapse's federation sender, on the process that
     sends federation (the main process, or each federation_sender worker).
 
     It starts whether or not `send.relays` lists destinations: relays set through
-    the admin API count without a restart. Destinations without relays are left to
-    Synapse unchanged.
+    the admin API or discovered count without a restart. Destinations without
+    relays are left to Synapse unchanged; `on_delivered(destination)` is called
+    after each transaction a destination accepted directly (discovery).
     """
     if not sends_federation(api):
         logger.info(
@@ -931,10 +1022,7 @@ def start_send_role(
                 destination,
                 ", ".join(sorted(ignored)),
             )
-    directory = RelayDirectory(
-        config, store, api.get_current_time_msec, api.server_name
-    )
-    sender = Sender(config, directory, OutboundFederation(api), api)
+    sender = Sender(config, directory, OutboundFederation(api), api, on_delivered)
     intercept_outgoing_transactions(api, sender.send)
     bypass_backoff_for(sender.lets_through)
     on_remote_server_up(api, sender.remote_server_up)

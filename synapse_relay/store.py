@@ -47,6 +47,15 @@ Since schema version 6 an entry's transaction is stored compressed in
 before keep their `txn_json` and are read as they are. `size` is always the
 uncompressed size: quotas count transaction JSON, not what it costs on disk.
 
+Relay discovery (discovery.py) keeps two tables (schema version 7):
+
+- `synapse_relay_discovered` (send role): the newest valid advertisement of each
+  destination's relays, verified when it was fetched: its `relays` (JSON list),
+  `ts`, `valid_until_ts`, when it was last fetched (`fetched_ts`) and the signed
+  advertisement itself (`advertisement`, for audit).
+- `synapse_relay_registered` (relay role): servers that proved who they are by
+  collecting from this relay, and when they last did (`relay.serve_registered`).
+
 All SQL uses `?` placeholders, which Synapse rewrites for PostgreSQL. Synapse
 retries these functions on deadlocks and (at REPEATABLE READ, its default)
 serialization failures, so they have no side effects beyond the database.
@@ -68,7 +77,7 @@ from synapse_relay.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 PURGE_BATCH = 1000
 # Deposits committed in one database transaction at most.
@@ -156,6 +165,23 @@ def _schema_compressed(postgres: bool) -> list[str]:
     return [f"ALTER TABLE synapse_relay_entries ADD COLUMN txn_compressed {blob}"]
 
 
+def _schema_discovery(postgres: bool) -> list[str]:
+    return [
+        """CREATE TABLE synapse_relay_discovered (
+            destination TEXT NOT NULL PRIMARY KEY,
+            relays TEXT NOT NULL,
+            ts BIGINT NOT NULL,
+            valid_until_ts BIGINT NOT NULL,
+            fetched_ts BIGINT NOT NULL,
+            advertisement TEXT NOT NULL
+        )""",
+        """CREATE TABLE synapse_relay_registered (
+            server_name TEXT NOT NULL PRIMARY KEY,
+            last_collect_ts BIGINT NOT NULL
+        )""",
+    ]
+
+
 # version -> the statements that bring the schema from version - 1 to it
 _MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
     1: _schema_v1,
@@ -164,6 +190,7 @@ _MIGRATIONS: dict[int, Callable[[bool], list[str]]] = {
     4: _schema_v4,
     5: _schema_v5,
     6: _schema_compressed,
+    7: _schema_discovery,
 }
 
 
@@ -264,6 +291,24 @@ class KeyQuota:
 
 # user ID -> device ID -> algorithm -> escrowed one-time keys left
 Stock = dict[str, dict[str, dict[str, int]]]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Advertisement:
+    """A destination's relays, as its signed advertisement stated them."""
+
+    destination: str
+    relays: tuple[str, ...]
+    ts: int
+    valid_until_ts: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Discovered:
+    """An advertisement held, and when it was last fetched."""
+
+    advertisement: Advertisement
+    fetched_ts: int
 
 
 class RelayStore:
@@ -479,6 +524,64 @@ class RelayStore:
             server_name,
             wanted,
         )
+
+    async def discovered(self) -> dict[str, Discovered]:
+        """Every destination's advertisement held."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_discovered", _discovered_txn, None
+        )
+
+    async def discovered_for(self, destination: str) -> Discovered | None:
+        await self.ensure_schema()
+        found = await self._api.run_db_interaction(
+            "synapse_relay_discovered_for", _discovered_txn, destination
+        )
+        return found.get(destination)
+
+    async def keep_advertisement(
+        self, advertisement: Advertisement, signed_json: str, fetched_ms: int
+    ) -> bool:
+        """Store `advertisement` unless an advertisement with a newer `ts` is held
+        (one with the same `ts` only gets its `fetched_ts` updated); whether it is
+        now the one held."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_keep_advertisement",
+            _keep_advertisement_txn,
+            advertisement,
+            signed_json,
+            fetched_ms,
+        )
+
+    async def forget_discovered(self, destination: str) -> bool:
+        """Forget the advertisement of `destination`; whether one was held."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_forget_discovered", _forget_discovered_txn, destination
+        )
+
+    async def register(self, server_name: str, now_ms: int) -> None:
+        """Record that `server_name` proved who it is (collected) at `now_ms`."""
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "synapse_relay_register", _register_txn, server_name, now_ms
+        )
+
+    async def registered(self, since_ms: int) -> dict[str, int]:
+        """Servers registered at or after `since_ms`, with when they last did."""
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "synapse_relay_registered", _registered_txn, None, since_ms
+        )
+
+    async def registered_at(self, server_name: str, since_ms: int) -> int | None:
+        """When `server_name` last registered, if at or after `since_ms`."""
+        await self.ensure_schema()
+        found = await self._api.run_db_interaction(
+            "synapse_relay_registered_at", _registered_txn, server_name, since_ms
+        )
+        return found.get(server_name)
 
     async def ping(self) -> None:
         """Raise unless the database answers a query (the receive role tells its
@@ -826,6 +929,82 @@ def _count(txn: LoggingTransaction) -> int:
     row = txn.fetchone()
     assert row is not None  # COUNT(*) always has a row
     return int(row[0])
+
+
+def _discovered_txn(
+    txn: LoggingTransaction, destination: str | None
+) -> dict[str, Discovered]:
+    sql = (
+        "SELECT destination, relays, ts, valid_until_ts, fetched_ts"
+        " FROM synapse_relay_discovered"
+    )
+    if destination is None:
+        txn.execute(sql)
+    else:
+        txn.execute(sql + " WHERE destination = ?", (destination,))
+    return {
+        row[0]: Discovered(
+            Advertisement(row[0], _relay_list(row[1]), row[2], row[3]), row[4]
+        )
+        for row in txn.fetchall()
+    }
+
+
+def _keep_advertisement_txn(
+    txn: LoggingTransaction,
+    advertisement: Advertisement,
+    signed_json: str,
+    fetched_ms: int,
+) -> bool:
+    txn.execute(
+        "INSERT INTO synapse_relay_discovered"
+        " (destination, relays, ts, valid_until_ts, fetched_ts, advertisement)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (destination) DO UPDATE SET"
+        " relays = excluded.relays, ts = excluded.ts,"
+        " valid_until_ts = excluded.valid_until_ts,"
+        " fetched_ts = excluded.fetched_ts, advertisement = excluded.advertisement"
+        " WHERE excluded.ts >= synapse_relay_discovered.ts",
+        (
+            advertisement.destination,
+            json.dumps(list(advertisement.relays)),
+            advertisement.ts,
+            advertisement.valid_until_ts,
+            fetched_ms,
+            signed_json,
+        ),
+    )
+    return bool(txn.rowcount)
+
+
+def _forget_discovered_txn(txn: LoggingTransaction, destination: str) -> bool:
+    txn.execute(
+        "DELETE FROM synapse_relay_discovered WHERE destination = ?", (destination,)
+    )
+    return bool(txn.rowcount)
+
+
+def _register_txn(txn: LoggingTransaction, server_name: str, now_ms: int) -> None:
+    txn.execute(
+        "INSERT INTO synapse_relay_registered (server_name, last_collect_ts)"
+        " VALUES (?, ?) ON CONFLICT (server_name) DO UPDATE SET"
+        " last_collect_ts = excluded.last_collect_ts",
+        (server_name, now_ms),
+    )
+
+
+def _registered_txn(
+    txn: LoggingTransaction, server_name: str | None, since_ms: int
+) -> dict[str, int]:
+    sql = (
+        "SELECT server_name, last_collect_ts FROM synapse_relay_registered"
+        " WHERE last_collect_ts >= ?"
+    )
+    if server_name is None:
+        txn.execute(sql + " ORDER BY server_name", (since_ms,))
+    else:
+        txn.execute(sql + " AND server_name = ?", (since_ms, server_name))
+    return dict(txn.fetchall())
 
 
 def _ping_txn(txn: LoggingTransaction) -> None:

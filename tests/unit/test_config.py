@@ -118,7 +118,21 @@ def test_bad_durations(bad: object) -> None:
             {"relay": {"enabled": True}},
             "modules.synapse_relay.relay.destinations: must list the server names"
             ' whose mail this relay holds (or ["*"] for anyone) when relay.enabled'
-            " is true, got []",
+            " is true and relay.serve_registered is not, got []",
+        ),
+        (
+            {"relay": {"serve_registered": 1}},
+            "modules.synapse_relay.relay.serve_registered: must be true or false,"
+            " got 1",
+        ),
+        (
+            {"send": {"discover": "no"}},
+            'modules.synapse_relay.send.discover: must be true or false, got "no"',
+        ),
+        (
+            {"send": {"discover_interval": "500ms"}},
+            "modules.synapse_relay.send.discover_interval: must be at least 1s,"
+            ' got "500ms"',
         ),
         (
             {"relay": {"destinations": "b.example"}},
@@ -164,7 +178,7 @@ def test_bad_durations(bad: object) -> None:
             "modules.synapse_relay.relay.enable: unknown option (expected one of:"
             " enabled, destinations, origins, max_transactions_per_destination,"
             " max_bytes_per_destination, retention, max_key_users_per_destination,"
-            " push, push_interval_max)",
+            " push, push_interval_max, serve_registered)",
         ),
         (
             {"receive": {"escrowed_one_time_keys": 11}},

@@ -23,6 +23,7 @@ from synapse_relay._synapse.outbound import (
 from synapse_relay.admin import parse_relays
 from synapse_relay.config import SendConfig
 from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
+from synapse_relay.store import Advertisement, Discovered
 from tests.unit.deferreds import run
 
 US = "a.example"
@@ -158,6 +159,7 @@ class FakeFederation:
 class FakeStore:
     def __init__(self, admin: dict[str, tuple[str, ...]] | None = None) -> None:
         self.admin = admin or {}
+        self.discovered_relays: dict[str, Discovered] = {}
         self.reads = 0
         self.fail = False
 
@@ -169,6 +171,12 @@ class FakeStore:
 
     async def send_relays_for(self, destination: str) -> tuple[str, ...] | None:
         return self.admin.get(destination)
+
+    async def discovered(self) -> dict[str, Discovered]:
+        return dict(self.discovered_relays)
+
+    async def discovered_for(self, destination: str) -> Discovered | None:
+        return self.discovered_relays.get(destination)
 
 
 class Net:
@@ -314,6 +322,59 @@ def test_directory_admin_overrides_config_and_is_cached() -> None:
     net.sender.mapping_changed(B)
     assert run(net.directory.relays_for(B)) == (R2, R1)
     assert net.store.reads == 3
+
+
+def discovered(destination: str, *relays: str, until: int = 10**15) -> Discovered:
+    return Discovered(Advertisement(destination, relays, 1, until), 1)
+
+
+def test_directory_uses_discovered_relays_last() -> None:
+    net = Net(relays={"c.example": (R1,)})
+    net.store.discovered_relays = {
+        B: discovered(B, R2, US, B),
+        "c.example": discovered("c.example", R2),
+        "d.example": discovered("d.example", R2),
+        "e.example": discovered("e.example", R2, until=net.api.now),
+    }
+    net.store.admin = {"d.example": (R1,)}
+    found = run(net.directory.resolve(B))
+    # a discovered relay naming this server or the destination is ignored
+    assert (found.relays, found.source) == ((R2,), s.Source.DISCOVERED)
+    assert run(net.directory.resolve("c.example")).source is s.Source.CONFIG
+    assert run(net.directory.resolve("d.example")).source is s.Source.ADMIN
+    expired = run(net.directory.resolve("e.example"))
+    assert (expired.relays, expired.source) == ((), s.Source.NONE)
+    assert expired.discovered is not None
+    listed = run(net.directory.everything())
+    assert [f.destination for f in listed] == [B, "c.example", "d.example", "e.example"]
+
+
+def test_discovered_relays_are_not_used_when_discovery_is_off() -> None:
+    config = SendConfig(discover=False)
+    found = s.choose_relays(B, config, None, discovered(B, R1), 0, US)
+    assert (found.relays, found.source) == ((), s.Source.NONE)
+
+
+def test_fallback_to_discovered_relays_is_counted() -> None:
+    net = Net(relays={})
+    net.store.discovered_relays = {B: discovered(B, R1)}
+    net.federation.direct = [unreachable()] * 3
+    assert net.send() == {"pdus": {}}
+    assert net.stats()["fallbacks_discovered"] == 1
+    assert net.stats()["fallbacks"] == 1
+
+
+def test_every_direct_delivery_is_reported() -> None:
+    net = Net(relays={B: (R1,)})
+    delivered: list[str] = []
+    net.sender = s.Sender(
+        net.config, net.directory, net.federation, net.api, delivered.append
+    )
+    net.federation.direct = [{"pdus": {}}, unreachable(), unreachable(), unreachable()]
+    net.send()  # B, directly
+    net.send(net.txn("c.example"))  # no relays: Synapse's own send
+    net.send()  # B down: relayed, not reported
+    assert delivered == [B, "c.example"]
 
 
 def test_directory_survives_a_database_failure() -> None:
