@@ -464,3 +464,31 @@ def test_concurrent_deposits_from_two_connections(database: Database) -> None:
     assert errors == []
     assert collected == txn_ids[:150] + more
     assert store._queues_txn(database.txn(database.connection())) == []
+
+
+def test_the_newest_advertisement_is_kept(txn: Txn) -> None:
+    def keep(ts: int, relays: tuple[str, ...], fetched: int) -> bool:
+        return store._keep_advertisement_txn(
+            txn, store.Advertisement("b", relays, ts, ts + 100), "{}", fetched
+        )
+
+    assert keep(10, ("r",), 11)
+    assert keep(10, ("r",), 12)  # the same one again: fetched_ts moves
+    assert not keep(9, ("old",), 13)
+    assert store._discovered_txn(txn, "b") == {
+        "b": store.Discovered(store.Advertisement("b", ("r",), 10, 110), 12)
+    }
+    assert keep(20, (), 21)
+    assert store._discovered_txn(txn, None)["b"].advertisement.relays == ()
+    assert store._forget_discovered_txn(txn, "b")
+    assert not store._forget_discovered_txn(txn, "b")
+    assert store._discovered_txn(txn, None) == {}
+
+
+def test_registrations(txn: Txn) -> None:
+    store._register_txn(txn, "b", 100)
+    store._register_txn(txn, "c", 50)
+    store._register_txn(txn, "b", 200)
+    assert store._registered_txn(txn, None, 60) == {"b": 200}
+    assert store._registered_txn(txn, "c", 0) == {"c": 50}
+    assert store._registered_txn(txn, "c", 60) == {}
