@@ -23,7 +23,7 @@ OTHER_KEY = generate_signing_key("k1")
 
 
 def ad(
-    relays: list[Any] | None = None,
+    relays: Any = None,
     signer: str = B,
     key: Any = KEY,
     **fields: Any,
@@ -63,7 +63,7 @@ def test_a_valid_advertisement_is_kept() -> None:
         (ad(padding="x" * 20_000), d.Refusal.INVALID, "bytes, at most"),
         (ad(server_name="c.example"), d.Refusal.INVALID, 'names server "c.example"'),
         (ad(server_name=None), d.Refusal.INVALID, "names server null"),
-        (ad(relays="r.example"), d.Refusal.INVALID, "relays is not a list"),
+        (ad(relays={"r.example": 1}), d.Refusal.INVALID, "relays is not a list"),
         (
             ad([f"r{i}.example" for i in range(300)]),
             d.Refusal.INVALID,
@@ -156,16 +156,17 @@ class FakeStore:
 
 class Setup:
     def __init__(self, interval_ms: int = 60_000, discover: bool = True) -> None:
-        self.api: Any = FakeApi()
-        self.api.now = NOW
+        api: Any = FakeApi()
+        api.now = NOW
+        store: Any = FakeStore()
+        self.api, self.store = api, store
         self.federation = FakeFederation()
-        self.store: Any = FakeStore()
         self.changes = 0
         self.discovery = d.Discovery(
             SendConfig(discover=discover, discover_interval_ms=interval_ms),
-            self.store,
+            store,
             self.federation,
-            self.api,
+            api,
             RoleStats("discovery", d.DISCOVERY_COUNTERS, per_relay=False),
             self.changed,
         )
@@ -175,7 +176,8 @@ class Setup:
 
     def fetch(self, answer: Any) -> d.FetchOutcome:
         self.federation.answers.append(answer)
-        return run(self.discovery.fetch(B))
+        outcome: d.FetchOutcome = run(self.discovery.fetch(B))
+        return outcome
 
     def counters(self) -> dict[str, object]:
         return {k: v for k, v in self.discovery.stats.snapshot().items() if v}
