@@ -16,6 +16,7 @@ run in order and share these servers.
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from synapse_relay.demo import User
 from synapse_relay.discovery import advertisement_of
 from tests.harness.fedclient import FakeServer, FakeServerFactory
 from tests.harness.homeserver import Homeserver, HomeserverFactory, wait_until
-from tests.integration.test_send_role import start_all
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,8 @@ RELAY_CONFIG = {"relay": {"enabled": True, "serve_registered": True}}
 QUERY_PATH = "/_matrix/federation/v1/query/synapse_relay.relays"
 # Generous for a loaded machine; a fallback takes well under a second when idle.
 FALLBACK_WITHIN_S = 30
+# Five homeservers start at once: on 2 busy cores that can take minutes.
+START_TIMEOUT_S = 240
 
 
 @dataclass
@@ -121,7 +123,11 @@ def net(homeserver_factory: HomeserverFactory) -> Iterator[Net]:
     a = create(
         {"send": {"discover_interval": f"{INTERVAL_S}s"}}, COMMON_CONFIG, start=False
     )
-    start_all([a, r, r2, b, c])
+    with ThreadPoolExecutor(5) as pool:
+        for future in [
+            pool.submit(hs.start, START_TIMEOUT_S) for hs in (a, r, r2, b, c)
+        ]:
+            future.result()
     alice = User(a, "alice", admin=True)
     bob, carol = User(b, "bob"), User(c, "carol")
     admins = {
