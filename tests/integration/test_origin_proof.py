@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from nio import ReceiptEvent
 
+from synapse_relay.compression import compress
+from synapse_relay.store import stored_txn_json
 from tests.harness.client import Client
 from tests.harness.fedclient import quote
 from tests.harness.homeserver import Homeserver, HomeserverFactory, run_sql, wait_until
@@ -105,11 +107,14 @@ def entries_for(net: Net, destination: str) -> list[tuple[int, dict, str | None]
     """(entry id, transaction, proof) of every entry `r` holds for `destination`."""
     rows = run_sql(
         net.r,
-        "SELECT entry_id, txn_json, origin_auth FROM synapse_relay_entries"
-        " WHERE destination = ? ORDER BY entry_id",
+        "SELECT entry_id, txn_json, txn_compressed, origin_auth"
+        " FROM synapse_relay_entries WHERE destination = ? ORDER BY entry_id",
         (destination,),
     )
-    return [(entry_id, json.loads(t), proof) for entry_id, t, proof in rows]
+    return [
+        (entry_id, json.loads(stored_txn_json(text, compressed)), proof)
+        for entry_id, text, compressed, proof in rows
+    ]
 
 
 def edu_kinds(transaction: dict) -> list[str]:
@@ -271,19 +276,21 @@ def test_a_relay_altering_a_proven_transaction(net: Net) -> None:
         message="the message deposited after it",
     )
     # r alters one byte of the receipt's transaction: its timestamp's last digit
-    [(text,)] = run_sql(
+    [(text, compressed)] = run_sql(
         net.r,
-        "SELECT txn_json FROM synapse_relay_entries WHERE entry_id = ?",
+        "SELECT txn_json, txn_compressed FROM synapse_relay_entries WHERE entry_id = ?",
         (entry_id,),
     )
+    text = stored_txn_json(text, compressed)
     ts = str(transaction["origin_server_ts"])
     field = f'"origin_server_ts":{ts}'
     altered = text.replace(field, field[:-1] + str((int(ts[-1]) + 1) % 10), 1)
     assert len(altered) == len(text) and altered != text
     run_sql(
         net.r,
-        "UPDATE synapse_relay_entries SET txn_json = ? WHERE entry_id = ?",
-        (altered, entry_id),
+        "UPDATE synapse_relay_entries SET txn_json = '', txn_compressed = ?"
+        " WHERE entry_id = ?",
+        (compress(altered), entry_id),
     )
     net.b.start()
     net.bob.sync_until(

@@ -737,6 +737,8 @@ def test_bad_proofs_are_refused_and_nothing_stored(net: Relays) -> None:
     proof = good[ORIGIN_AUTH]
     refused({**good, ORIGIN_AUTH: {**proof, "sig": proof["sig"][:-4]}}, 401, t)
     refused({**good, ORIGIN_AUTH: {"key": proof["key"]}}, 400, t)
+    # a key of the origin the relay cannot obtain (alice serves only KEY_ID)
+    refused({**good, ORIGIN_AUTH: {**proof, "key": "ed25519:unknown"}}, 401, t)
     refused({**good, ORIGIN_AUTH: {**proof, "key": "rsa:1"}}, 400, t)
     refused({**good, ORIGIN_AUTH: "signed"}, 400, t)
     # not matching the authenticated origin, the mailbox or the transaction id
@@ -753,7 +755,7 @@ def test_bad_proofs_are_refused_and_nothing_stored(net: Relays) -> None:
 
     assert bob not in queues(net) and eve not in queues(net)
     after = relay_status(net)
-    assert after["proofs_refused"] - before["proofs_refused"] == 14
+    assert after["proofs_refused"] - before["proofs_refused"] == 15
     assert after["deposits_accepted"] == before["deposits_accepted"]
     # the genuine one is still accepted afterwards
     assert deposit(net.alice, net.main, bob, good, txn_id=t).ok
