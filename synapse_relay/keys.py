@@ -152,7 +152,7 @@ def _device_signed(obj: JsonDict, user_id: str, device_id: str, key: str) -> boo
     try:
         verify_key = decode_verify_key_bytes(f"ed25519:{device_id}", decode_base64(key))
         verify_signed_json(obj, user_id, verify_key)
-    except (SignatureVerifyException, ValueError, TypeError, KeyError):
+    except (SignatureVerifyException, ValueError, TypeError, KeyError, AttributeError):
         return False
     return True
 
