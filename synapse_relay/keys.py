@@ -687,8 +687,7 @@ class KeyDepositor:
         held = await self._client.get(
             relay, keys_path(server_name, "/stock"), RELAY_TIMEOUT_MS
         )
-        held_users = held.get("users", {})
-        stock: Stock = held.get("one_time_key_counts", {})
+        held_users, stock = _holdings(held)
         contents = dict(contents)
         for user_id in held_users:
             contents.setdefault(
@@ -770,6 +769,28 @@ class KeyDepositor:
         for user_id, devices in taken.items():
             for device_id, keys in devices.items():
                 pending.setdefault(user_id, {}).setdefault(device_id, {}).update(keys)
+
+
+def _holdings(held: object) -> tuple[dict[str, object], Stock]:
+    """The users and stock in a relay's `stock` answer; RelayUnusable if it is not
+    one (a relay is not trusted to answer well-formed JSON)."""
+    users = held.get("users") if isinstance(held, dict) else None
+    stock = held.get("one_time_key_counts") if isinstance(held, dict) else None
+    if not (
+        isinstance(users, dict)
+        and isinstance(stock, dict)
+        and all(
+            isinstance(devices, dict)
+            and all(
+                isinstance(algorithms, dict)
+                and all(isinstance(n, int) for n in algorithms.values())
+                for algorithms in devices.values()
+            )
+            for devices in stock.values()
+        )
+    ):
+        raise RelayUnusable("malformed stock answer")
+    return users, stock
 
 
 def start_key_deposits(config: ReceiveConfig, api: ModuleApi) -> KeyDepositor | None:
