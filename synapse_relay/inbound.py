@@ -229,19 +229,26 @@ def server_of(user_id: Any) -> str | None:
 def edu_type_of(edu: Any) -> str:
     """An EDU's type for logs and counters: one of KNOWN_EDU_TYPES or "other" (a
     relay must not be able to grow the metrics' label set)."""
-    edu_type = edu.get("edu_type") if isinstance(edu, dict) else None
+    edu_type = _str_field(edu, "edu_type")
     return edu_type if edu_type in KNOWN_EDU_TYPES else "other"
+
+
+def _str_field(obj: Any, key: str) -> str | None:
+    """obj[key] when obj is an object and that is a string (a relay's JSON may
+    hold lists where strings belong: not hashable)."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def edu_refusal(edu: Any, origin: str) -> str | None:
     """Why an EDU of an unproven relayed transaction is left out; None if it is
     processed (see RELAYED_EDU_TYPES)."""
-    if not isinstance(edu, dict) or edu.get("edu_type") not in RELAYED_EDU_TYPES:
+    if _str_field(edu, "edu_type") not in RELAYED_EDU_TYPES:
         return "unproven, and a relay could forge it"
     content = edu.get("content")
     if not isinstance(content, dict) or not isinstance(content.get("messages"), dict):
         return "malformed"
-    if content.get("type") not in RELAYED_TO_DEVICE_TYPES:
+    if _str_field(content, "type") not in RELAYED_TO_DEVICE_TYPES:
         return "unproven, and not Olm-encrypted"
     if server_of(content.get("sender")) != origin:
         return "its sender is not a user of the origin"
