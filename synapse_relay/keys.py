@@ -803,12 +803,14 @@ def start_key_deposits(config: ReceiveConfig, api: ModuleApi) -> KeyDepositor | 
         config.key_upload_interval_ms,
         desc="synapse_relay_key_deposits",
     )
-    # The first refresh soon after start-up rather than a whole interval later.
-    api.delayed_background_call(
-        min(config.key_upload_interval_ms, 2000),
-        depositor.deposit_all,
-        desc="synapse_relay_key_deposits",
-    )
+    if api.should_run_background_tasks():
+        # The first refresh soon after start-up rather than a whole interval later
+        # (a delayed call, unlike a looping one, runs on every process).
+        api.delayed_background_call(
+            min(config.key_upload_interval_ms, 2000),
+            depositor.deposit_all,
+            desc="synapse_relay_key_deposits",
+        )
     return depositor
 
 
