@@ -266,3 +266,14 @@ def test_collector_on_the_background_tasks_worker(
     assert net.queued(net.p, net.w.server_name) == 0
     receive = net.admin(collector, "GET", "status").json()["receive"]
     assert receive["processed"] == 3
+
+
+def test_no_process_logged_an_error(net: Deployment) -> None:
+    """Nothing above went wrong in any process of w (runs last)."""
+    for process in net.w.processes:
+        errors = [
+            line
+            for line in process.log_path.read_text(errors="replace").splitlines()
+            if " - ERROR - " in line or " - CRITICAL - " in line
+        ]
+        assert not errors, f"{process}:\n" + "\n".join(errors[:5])
