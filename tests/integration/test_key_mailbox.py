@@ -13,7 +13,6 @@
   is offline.
 """
 
-import asyncio
 import json
 import threading
 import time
@@ -24,14 +23,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from nio import (
-    AsyncClient,
-    AsyncClientConfig,
-    MegolmEvent,
-    RoomMessageText,
-    RoomSendResponse,
-    SyncResponse,
-)
 from signedjson.key import (
     encode_verify_key_base64,
     generate_signing_key,
@@ -44,6 +35,7 @@ from synapse_relay.keys import CLAIMS_PER_MINUTE, MAX_DEVICES_PER_CLAIM
 from synapse_relay.loopback import HTTP_TIMEOUT, wait_until
 from synapse_relay.loopback_workers import WorkerSpec
 from synapse_relay.protocol import KEY_SNAPSHOTS, KEYS_PREFIX, keys_path
+from tests.harness.client import Client
 from tests.harness.fedclient import FakeServer, FakeServerFactory, quote
 from tests.harness.homeserver import Homeserver, HomeserverFactory
 from tests.harness.postgres import Backend
@@ -53,11 +45,6 @@ pytestmark = pytest.mark.integration
 
 ALGORITHM = "signed_curve25519"
 TIMEOUT = 60
-ENCRYPTION = {
-    "type": "m.room.encryption",
-    "state_key": "",
-    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-}
 
 
 class Device:
@@ -501,68 +488,6 @@ def test_generic_workers_ask_relays_too(
     assert "answered its claim request from relay" in log
 
 
-class Client:
-    """One matrix-nio E2EE client (one device), driven synchronously."""
-
-    def __init__(self, homeserver: Homeserver, localpart: str, store: Path) -> None:
-        store.mkdir(parents=True, exist_ok=True)
-        self.homeserver = homeserver
-        self.loop = asyncio.new_event_loop()
-        self.client = AsyncClient(
-            homeserver.base_url,
-            homeserver.user_id(localpart),
-            store_path=str(store),
-            config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
-            ssl=False,
-        )
-        self.run(self.client.login("password"))
-        assert self.client.device_id, "login failed"
-        self.texts: list[str] = []
-        self.undecrypted = 0
-        self.sync()
-
-    def run(self, coroutine: Any) -> Any:
-        return self.loop.run_until_complete(coroutine)
-
-    @property
-    def device_id(self) -> str:
-        return str(self.client.device_id)
-
-    def sync(self) -> None:
-        """One sync, then what a client does after it: upload and query keys."""
-        client = self.client
-        response = self.run(client.sync(timeout=0))
-        assert isinstance(response, SyncResponse), response
-        for room in response.rooms.join.values():
-            for event in room.timeline.events:
-                if isinstance(event, RoomMessageText):
-                    self.texts.append(event.body)
-                elif isinstance(event, MegolmEvent):
-                    self.undecrypted += 1
-        if client.should_upload_keys:
-            self.run(client.keys_upload())
-        if client.should_query_keys:
-            self.run(client.keys_query())
-
-    def send(self, room_id: str, text: str) -> None:
-        response = self.run(
-            self.client.room_send(
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.text", "body": text},
-                ignore_unverified_devices=True,
-            )
-        )
-        assert isinstance(response, RoomSendResponse), response
-
-    def devices_of(self, user_id: str) -> set[str]:
-        return {d.id for d in self.client.device_store.active_user_devices(user_id)}
-
-    def close(self) -> None:
-        self.run(self.client.close())
-        self.loop.close()
-
-
 def all_sent(homeserver: Homeserver, token: str, destination: Homeserver) -> bool:
     """Whether `homeserver` sent (directly or through relays) every event it has
     for `destination` (Synapse's admin federation API)."""
@@ -588,12 +513,11 @@ def held_devices(
     return {d["device_id"] for d in response.json()["devices"]}
 
 
-def escrowed_for(
-    fake: FakeServer, relay: Homeserver, server: Homeserver, user_id: str, device: str
-) -> bool:
-    """Whether R holds `device`'s keys (asked as a third server, which claims
-    nothing: it only reads the device list)."""
-    return device in held_devices(fake, relay, server, user_id)
+def escrow_left(homeserver: Homeserver, token: str, relay: Homeserver) -> int:
+    """The one-time keys `homeserver` last saw escrowed on `relay` (admin status)."""
+    status = homeserver.client("GET", "/_synapse/relay/v1/status", token=token)
+    left: int = status.json()["receive_keys"]["stock_left"].get(relay.server_name, 0)
+    return left
 
 
 def test_new_device_messages_decrypt_while_each_side_is_offline(
@@ -605,71 +529,59 @@ def test_new_device_messages_decrypt_while_each_side_is_offline(
     a, r, b = servers
     fake = fake_servers.create()
     for homeserver, name in ((a, "alice"), (b, "bob")):
-        homeserver.register_user(name, password="password")
-    admin_a = a.register_user("admin", admin=True)
+        homeserver.register_user(name)
+    admin_a, admin_b = (s.register_user("admin", admin=True) for s in (a, b))
     alice_id, bob_id = a.user_id("alice"), b.user_id("bob")
-    alice1 = Client(a, "alice", tmp_path / "alice1")
-    bob = Client(b, "bob", tmp_path / "bob")
-    devices = [alice1, bob]
-    try:
-        response = alice1.run(
-            alice1.client.room_create(initial_state=[ENCRYPTION], invite=[bob_id])
+    with (
+        Client(a, "alice", tmp_path / "alice1") as alice1,
+        Client(b, "bob", tmp_path / "bob") as bob,
+    ):
+        room_id = alice1.create_room(encrypted=True, invite=[bob_id])
+        bob.sync_until(lambda: room_id in bob.nio.invited_rooms, TIMEOUT, "invite")
+        bob.join(room_id)
+        alice1.sync_until(
+            lambda: bob_id in alice1.nio.rooms[room_id].users, TIMEOUT, "bob's join"
         )
-        room_id = response.room_id
-
-        def bob_invited() -> bool:
-            bob.sync()
-            return room_id in bob.client.invited_rooms
-
-        wait_until(bob_invited, TIMEOUT, message="bob's invite")
-        bob.run(bob.client.join(room_id))
-        bob.sync()
-
-        def alice_sees_bob() -> bool:
-            alice1.sync()
-            room = alice1.client.rooms.get(room_id)
-            return room is not None and bob_id in room.users
-
-        wait_until(alice_sees_bob, TIMEOUT, message="bob's join at A")
-        # bob's device and its escrowed one-time keys on R, before B goes offline
+        # bob's device and one-time keys escrowed on R, before B goes offline
         wait_until(
-            lambda: escrowed_for(fake, r, b, bob_id, bob.device_id),
+            lambda: (
+                bob.device_id in held_devices(fake, r, b, bob_id)
+                and escrow_left(b, admin_b, r) > 0
+            ),
             TIMEOUT,
             message="bob's keys on R",
         )
         b.stop()
 
-        alice2 = Client(a, "alice", tmp_path / "alice2")
-        devices.append(alice2)
-        wait_until(
-            lambda: escrowed_for(fake, r, a, alice_id, alice2.device_id),
-            TIMEOUT,
-            message="alice's new device's keys on R",
-        )
-        sent = [f"secret {i} from a new device" for i in range(3)]
-        started = time.monotonic()
-        for text in sent:
-            alice2.send(room_id, text)
-        wait_until(lambda: all_sent(a, admin_a, b), TIMEOUT, message="deposits on R")
-        print(f"3 messages sent and deposited in {time.monotonic() - started:.1f}s")
-        a.stop()
+        with Client(a, "alice", tmp_path / "alice2") as alice2:
+            alice2.sync_until(lambda: room_id in alice2.nio.rooms, TIMEOUT, "the room")
+            wait_until(
+                lambda: alice2.device_id in held_devices(fake, r, a, alice_id),
+                TIMEOUT,
+                message="alice's new device's keys on R",
+            )
+            sent = [f"secret {i} from a new device" for i in range(3)]
+            for text in sent:
+                alice2.send_text(room_id, text)
+            wait_until(lambda: all_sent(a, admin_a, b), TIMEOUT, message="deposits")
+            a.stop()
 
-        b.start()
-
-        def bob_decrypted() -> bool:
-            bob.sync()
-            return set(sent) <= set(bob.texts)
-
-        wait_until(bob_decrypted, TIMEOUT, message="bob decrypting alice's messages")
-        decrypted = len([t for t in bob.texts if t in sent])
-        print(f"sent from a new device while B was offline: 3, decrypted: {decrypted}")
-        assert [t for t in bob.texts if t in sent] == sent
-
-        def bob_lists_new_device() -> bool:
-            bob.sync()
-            return alice2.device_id in bob.devices_of(alice_id)
-
-        wait_until(bob_lists_new_device, TIMEOUT, message="alice's new device at bob")
-    finally:
-        for device in devices:
-            device.close()
+            b.start()
+            bob.sync_until(
+                lambda: set(sent) <= set(bob.texts(room_id)), TIMEOUT, "the messages"
+            )
+            decrypted = [t for t in bob.texts(room_id) if t in sent]
+            print(
+                f"sent from a new device while B was offline: 3, decrypted: {decrypted}"
+            )
+            assert decrypted == sent
+            bob.sync_until(
+                lambda: (
+                    alice2.device_id
+                    in {
+                        d.id for d in bob.nio.device_store.active_user_devices(alice_id)
+                    }
+                ),
+                TIMEOUT,
+                "alice's new device",
+            )
