@@ -572,7 +572,8 @@ def test_new_device_messages_decrypt_while_each_side_is_offline(
             )
             decrypted = [t for t in bob.texts(room_id) if t in sent]
             print(
-                f"sent from a new device while B was offline: 3, decrypted: {len(decrypted)}"
+                "sent from a new device while B was offline: 3, decrypted: "
+                + str(len(decrypted))
             )
             assert decrypted == sent
             bob.sync_until(
