@@ -647,27 +647,35 @@ def _deposit_batch_txn(
     txn: LoggingTransaction, deposits: Sequence[tuple[NewEntry, Quota]]
 ) -> list[Deposit | QuotaExceeded]:
     """Store each deposit once, in order (entry ids follow it), each refused on its
-    own when it does not fit its destination's quota."""
+    own when it does not fit its destination's quota.
+
+    A few statements whatever the number of deposits: lock the destinations'
+    totals (one each), find the transactions already stored (one), insert the
+    others (one), update the totals (one each). With the totals locked, no other
+    transaction stores anything for these destinations meanwhile.
+    """
     before = _lock_queues(txn, (entry.destination for entry, _ in deposits))
+    ids = _stored_entry_ids(txn, {_key(entry) for entry, _ in deposits})
     totals = dict(before)
-    outcomes: list[Deposit | QuotaExceeded] = []
+    new: dict[_Key, tuple[NewEntry, int]] = {}  # in deposit order
+    # per deposit: its refusal, or its key and whether it is a duplicate
+    answers: list[QuotaExceeded | tuple[_Key, bool]] = []
     for entry, quota in deposits:
+        key = _key(entry)
+        if key in ids or key in new:
+            # already stored: accepted whatever the quota says
+            answers.append((key, True))
+            continue
         transactions, used = totals[entry.destination]
         size = len(entry.txn_json.encode("utf-8"))
         refusal = _quota_refusal(entry.destination, transactions, used, size, quota)
-        entry_id = None if refusal else _insert_entry(txn, entry, size)
-        if entry_id is not None:
-            totals[entry.destination] = (transactions + 1, used + size)
-            outcomes.append(Deposit(entry_id=entry_id, duplicate=False))
+        if refusal is not None:
+            answers.append(refusal)
             continue
-        # Refused or already stored: a transaction already stored is a duplicate,
-        # accepted whatever the quota says.
-        stored = _stored_entry_id(txn, entry)
-        if stored is not None:
-            outcomes.append(Deposit(entry_id=stored, duplicate=True))
-        else:
-            assert refusal is not None  # else the insert stored it
-            outcomes.append(refusal)
+        totals[entry.destination] = (transactions + 1, used + size)
+        new[key] = (entry, size)
+        answers.append((key, False))
+    ids.update(_insert_entries(txn, list(new.values())))
     txn.execute_batch(
         "UPDATE synapse_relay_queues SET transactions = ?, bytes = ?"
         " WHERE destination = ?",
@@ -677,7 +685,71 @@ def _deposit_batch_txn(
             if (transactions, used) != before[destination]
         ],
     )
-    return outcomes
+    return [
+        answer
+        if isinstance(answer, QuotaExceeded)
+        else Deposit(entry_id=ids[answer[0]], duplicate=answer[1])
+        for answer in answers
+    ]
+
+
+# (origin, txn_id, destination): what a stored transaction is unique by
+_Key = tuple[str, str, str]
+
+
+def _key(entry: NewEntry) -> _Key:
+    return (entry.origin, entry.txn_id, entry.destination)
+
+
+def _stored_entry_ids(txn: LoggingTransaction, keys: set[_Key]) -> dict[_Key, int]:
+    """The entry ids of those of `keys` already stored."""
+    if not keys:
+        return {}
+    # A join on a VALUES list: both SQLite and PostgreSQL look each key up in the
+    # unique index (SQLite scans the whole index for `(a, b, c) IN (VALUES ...)`).
+    values = ", ".join("(?, ?, ?)" for _ in keys)
+    txn.execute(
+        "SELECT e.origin, e.txn_id, e.destination, e.entry_id"
+        f" FROM (VALUES {values}) AS k JOIN synapse_relay_entries AS e"
+        " ON e.origin = k.column1 AND e.txn_id = k.column2"
+        " AND e.destination = k.column3",
+        [value for key in keys for value in key],
+    )
+    return {
+        (origin, txn_id, dest): int(n) for origin, txn_id, dest, n in txn.fetchall()
+    }
+
+
+def _insert_entries(
+    txn: LoggingTransaction, entries: list[tuple[NewEntry, int]]
+) -> dict[_Key, int]:
+    """Insert (entry, size)s in one statement, their ids growing in list order."""
+    if not entries:
+        return {}
+    values = ", ".join("(?, ?, ?, ?, ?, '', ?, ?)" for _ in entries)
+    txn.execute(
+        "INSERT INTO synapse_relay_entries (destination, origin, txn_id,"
+        f" received_ts, size, txn_json, origin_auth, txn_compressed) VALUES {values}"
+        " RETURNING origin, txn_id, destination, entry_id",
+        [
+            value
+            for entry, size in entries
+            for value in (
+                entry.destination,
+                entry.origin,
+                entry.txn_id,
+                entry.received_ms,
+                size,
+                entry.origin_auth,
+                # Synapse refuses `bytes` parameters on PostgreSQL (against text
+                # passed as bytes by mistake, engines/postgres.py): memoryview it is.
+                memoryview(compression.compress(entry.txn_json)),
+            )
+        ],
+    )
+    return {
+        (origin, txn_id, dest): int(n) for origin, txn_id, dest, n in txn.fetchall()
+    }
 
 
 def _quota_refusal(
@@ -694,40 +766,6 @@ def _quota_refusal(
             f" {size} (max_bytes_per_destination is {quota.max_bytes})"
         )
     return None
-
-
-def _insert_entry(txn: LoggingTransaction, entry: NewEntry, size: int) -> int | None:
-    """The new entry's id; None if this transaction is already stored."""
-    txn.execute(
-        "INSERT INTO synapse_relay_entries (destination, origin, txn_id,"
-        " received_ts, size, txn_json, origin_auth, txn_compressed)"
-        " VALUES (?, ?, ?, ?, ?, '', ?, ?)"
-        " ON CONFLICT (origin, txn_id, destination) DO NOTHING"
-        " RETURNING entry_id",
-        (
-            entry.destination,
-            entry.origin,
-            entry.txn_id,
-            entry.received_ms,
-            size,
-            entry.origin_auth,
-            # Synapse refuses `bytes` parameters on PostgreSQL (engines/postgres.py,
-            # against text passed as bytes by mistake); a memoryview is BYTEA.
-            memoryview(compression.compress(entry.txn_json)),
-        ),
-    )
-    row = txn.fetchone()
-    return None if row is None else int(row[0])
-
-
-def _stored_entry_id(txn: LoggingTransaction, entry: NewEntry) -> int | None:
-    txn.execute(
-        "SELECT entry_id FROM synapse_relay_entries"
-        " WHERE origin = ? AND txn_id = ? AND destination = ?",
-        (entry.origin, entry.txn_id, entry.destination),
-    )
-    row = txn.fetchone()
-    return None if row is None else int(row[0])
 
 
 def stored_txn_json(txn_json: str, txn_compressed: bytes | None) -> str:
