@@ -248,26 +248,26 @@ def intercept_key_requests(api: ModuleApi, handler: KeyRequestHandler) -> None:
             lambda: original_devices(destination, user_id, timeout),
         )
 
-    async def claim_client_keys(
-        user: UserID, destination: str, query_content: JsonDict, timeout: int | None
-    ) -> JsonDict:
-        return await answer(
-            KeyRequest(destination, "claim", body={"one_time_keys": query_content}),
-            lambda: original_claim(user, destination, query_content, timeout),
-        )
+    def claims_with(original: Callable[..., Awaitable[JsonDict]]) -> Any:
+        """A wrapper of one of the two claim methods (same parameters)."""
 
-    async def claim_client_keys_unstable(
-        user: UserID, destination: str, query_content: JsonDict, timeout: int | None
-    ) -> JsonDict:
-        return await answer(
-            KeyRequest(destination, "claim", body={"one_time_keys": query_content}),
-            lambda: original_claim_unstable(user, destination, query_content, timeout),
-        )
+        async def claim(
+            user: UserID,
+            destination: str,
+            query_content: JsonDict,
+            timeout: int | None,
+        ) -> JsonDict:
+            return await answer(
+                KeyRequest(destination, "claim", body={"one_time_keys": query_content}),
+                lambda: original(user, destination, query_content, timeout),
+            )
+
+        return claim
 
     client.query_client_keys = query_client_keys  # type: ignore[method-assign]
     client.query_user_devices = query_user_devices  # type: ignore[method-assign]
-    client.claim_client_keys = claim_client_keys  # type: ignore[method-assign]
-    client.claim_client_keys_unstable = claim_client_keys_unstable  # type: ignore[method-assign]
+    client.claim_client_keys = claims_with(original_claim)  # type: ignore[method-assign]
+    client.claim_client_keys_unstable = claims_with(original_claim_unstable)  # type: ignore[method-assign]
 
 
 def query_destinations_with_relays(
