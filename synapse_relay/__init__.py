@@ -47,9 +47,13 @@ class RelayModule:
         )
         sender = start_send_role(config.send, directory, api, discovery.delivered)
         collector = start_receive_role(config.receive, store, api)
-        mailbox = start_key_mailbox(config.relay, store, api)
+        mailbox = (
+            start_key_mailbox(config.relay, store, api, relay.holds_mail_for)
+            if relay
+            else None
+        )
         depositor = start_key_deposits(config.receive, api)
-        key_fallback = start_key_fallback(config.send, store, api)
+        key_fallback = start_key_fallback(directory, api)
 
         api.register_web_resource(
             PREFIX,

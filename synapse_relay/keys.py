@@ -28,7 +28,7 @@ Its first fields are the owner's own `/user/devices/{userId}` answer.
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -57,7 +57,6 @@ from synapse_relay.config import (
     MAX_ESCROWED_ONE_TIME_KEYS,
     ReceiveConfig,
     RelayConfig,
-    SendConfig,
 )
 from synapse_relay.protocol import KEY_SNAPSHOTS, KEYS_PREFIX, keys_path
 from synapse_relay.relay import destination_of
@@ -300,10 +299,17 @@ def snapshot_content_digest(content: JsonDict) -> str:
 class KeyMailbox:
     """The relay role's key mailbox: what its endpoints share."""
 
-    def __init__(self, config: RelayConfig, store: RelayStore, api: ModuleApi) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        store: RelayStore,
+        api: ModuleApi,
+        holds_mail_for: Callable[[str], Awaitable[bool]],
+    ) -> None:
         self._config = config
         self._store = store
         self._api = api
+        self._holds_mail_for = holds_mail_for
         self._signatures = ServerSignatures(api)
         self._quota = KeyQuota(
             max_users=config.max_key_users_per_destination,
@@ -325,14 +331,14 @@ class KeyMailbox:
             _Endpoint("/(?P<server_name>[^/]*)/user/keys/claim", post=self.claim),
         ]
 
-    def _held(self, server_name: str) -> None:
-        if not self._config.holds_mail_for(server_name):
+    async def _held(self, server_name: str) -> None:
+        if not await self._holds_mail_for(server_name):
             raise _fail(
                 404, f"This relay holds no keys of {server_name}", Codes.NOT_FOUND
             )
 
-    def _owner(self, origin: str, server_name: str) -> None:
-        self._held(server_name)
+    async def _owner(self, origin: str, server_name: str) -> None:
+        await self._held(server_name)
         if origin != server_name:
             raise _fail(
                 403, f"Only {server_name} may manage its keys here", Codes.FORBIDDEN
@@ -343,7 +349,7 @@ class KeyMailbox:
     ) -> JsonDict:
         """Store the owner's snapshots and escrow its one-time keys: all or nothing."""
         try:
-            self._owner(origin, server_name)
+            await self._owner(origin, server_name)
             snapshots, keys = await self._parse_upload(server_name, content)
             async with self._upload_lock(server_name):
                 replaced = await self._store.store_key_snapshots(
@@ -440,7 +446,7 @@ class KeyMailbox:
         self, origin: str, content: JsonDict | None, server_name: str
     ) -> JsonDict:
         """For the owner: the users held and the one-time keys left per device."""
-        self._owner(origin, server_name)
+        await self._owner(origin, server_name)
         users, stock = await self._store.key_holdings(server_name)
         return {"users": users, "one_time_key_counts": stock}
 
@@ -453,7 +459,7 @@ class KeyMailbox:
     async def user_devices(
         self, origin: str, content: JsonDict | None, server_name: str, user_id: str
     ) -> JsonDict:
-        self._held(server_name)
+        await self._held(server_name)
         self._user_of(server_name, user_id)
         snapshots = await self._snapshots(server_name, [user_id])
         if user_id not in snapshots:
@@ -473,7 +479,7 @@ class KeyMailbox:
     async def query(
         self, origin: str, content: JsonDict | None, server_name: str
     ) -> JsonDict:
-        self._held(server_name)
+        await self._held(server_name)
         wanted = _object(_object(content, "The body").get("device_keys"), "device_keys")
         if len(wanted) > MAX_USERS_PER_QUERY:
             raise _fail(400, f"At most {MAX_USERS_PER_QUERY} users per query")
@@ -489,7 +495,7 @@ class KeyMailbox:
     async def claim(
         self, origin: str, content: JsonDict | None, server_name: str
     ) -> JsonDict:
-        self._held(server_name)
+        await self._held(server_name)
         try:
             wanted = parse_claim(server_name, content)
             self._rate_limit(origin, len(wanted))
@@ -936,14 +942,9 @@ class KeyFallback:
         return result
 
 
-def start_key_fallback(
-    config: SendConfig, store: RelayStore, api: ModuleApi
-) -> KeyFallback:
+def start_key_fallback(directory: RelayDirectory, api: ModuleApi) -> KeyFallback:
     """In every process: Synapse's key requests to unreachable servers go to their
-    relays (the send role's relays of each destination)."""
-    directory = RelayDirectory(
-        config, store, api.get_current_time_msec, api.server_name
-    )
+    relays (the send role's relays of each destination, `directory`)."""
     fallback = KeyFallback(directory, api)
     intercept_key_requests(api, fallback.answer)
     query_destinations_with_relays(fallback.has_relays)
@@ -951,10 +952,15 @@ def start_key_fallback(
 
 
 def start_key_mailbox(
-    config: RelayConfig, store: RelayStore, api: ModuleApi
+    config: RelayConfig,
+    store: RelayStore,
+    api: ModuleApi,
+    holds_mail_for: Callable[[str], Awaitable[bool]],
 ) -> KeyMailbox | None:
+    """`holds_mail_for` is the relay role's (`Relay.holds_mail_for`): the mailbox
+    keeps keys of the servers whose mail the relay holds."""
     if not config.enabled:
         return None
-    mailbox = KeyMailbox(config, store, api)
+    mailbox = KeyMailbox(config, store, api, holds_mail_for)
     mount_federation_endpoints(mailbox.endpoints())  # type: ignore[arg-type]
     return mailbox
