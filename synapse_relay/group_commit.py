@@ -71,6 +71,7 @@ class GroupCommit(Generic[I, R]):
                 except Exception as e:  # every caller of the batch gets it
                     outcomes = [e] * len(batch)
                 for (_, waiter), outcome in zip(batch, outcomes, strict=True):
-                    fire_in_sentinel_context([waiter], outcome)
+                    if not waiter.called:  # (a cancelled caller's is)
+                        fire_in_sentinel_context([waiter], outcome)
         finally:
             self._running = False
