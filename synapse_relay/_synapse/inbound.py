@@ -16,10 +16,6 @@ from synapse.api.errors import (
 # crypto/keyring.py: verifies and stores a server keys object (see store_notary_keys).
 from synapse.crypto.keyring import BaseV2KeyFetcher
 
-# federation/federation_server.py: the lock under which Synapse processes a room's
-# staged inbound PDUs (see InboundFederation.process_staged).
-from synapse.federation.federation_server import _INBOUND_EVENT_HANDLING_LOCK_NAME
-
 # http/matrixfederationclient.py: the pieces of a signed federation request (see
 # InboundFederation.get_with_body).
 from synapse.http.matrixfederationclient import (
@@ -275,26 +271,14 @@ class InboundFederation:
         `_process_incoming_pdus_in_room_inner` processes the room's staged PDUs
         under the room's `federation_inbound_pdu` lock. When that fails (our
         database went down), the PDUs stay staged until `_handle_old_staged_events`
-        (every minute) takes them up again; it does that for every room whose lock
-        it can take, so calling it does no harm to a room being processed.
-        storage/databases/main/lock.py: a `Lock` whose release failed (the database
-        was down) stays in `LockStore._live_lock_tokens`, its renewal already
-        stopped by `Lock.release`, and this process's `try_acquire_lock` refuses
-        that room until the lock expires (2 minutes): releasing it again finishes
-        the release that failed. A lock still held is never touched (its renewal
-        runs).
+        (every minute) takes them up again; it does so for every room whose lock it
+        can take, so calling it does no harm to a room being processed.
+        storage/databases/main/lock.py: the failed processing's lock is dropped with
+        it (`LockStore._live_lock_tokens` holds locks weakly) and its row, which the
+        database may still hold, can be taken again at once by the same instance
+        (`_try_acquire_lock`'s upsert).
         """
-        store = self._hs.get_datastores().main
-        for (name, _), lock in list(store._live_lock_tokens.items()):
-            renewal = lock._looping_call
-            if (
-                name == _INBOUND_EVENT_HANDLING_LOCK_NAME
-                and renewal is not None
-                and not renewal.running
-                and not lock._dropped
-            ):
-                await lock.release()
-        # (a background process: runs on its own, as Synapse starts it)
+        # (a background process: it runs on its own, as Synapse starts it)
         self._hs.get_federation_server()._handle_old_staged_events()
 
 
