@@ -25,6 +25,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -278,8 +279,12 @@ class WorkerHomeserver(Homeserver):
             raise
 
     def stop(self, timeout: float = 20) -> None:
-        for worker in self.workers.values():
-            worker.stop(timeout)
+        """Stop the workers (all at once), then the main process and Redis."""
+        with ThreadPoolExecutor(len(self.workers) or 1) as pool:
+            for future in [
+                pool.submit(worker.stop, timeout) for worker in self.workers.values()
+            ]:
+                future.result()
         super().stop(timeout)
         self.redis.stop()
 
