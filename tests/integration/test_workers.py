@@ -23,10 +23,18 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import verify_signed_json
+from unpaddedbase64 import decode_base64
 
 from synapse_relay.loopback import Homeserver, SynapseProcess, wait_until
 from synapse_relay.loopback_workers import BACKGROUND_TASKS, FEDERATION_SENDER, Worker
-from synapse_relay.protocol import relay_txn_path, send_relay_path
+from synapse_relay.protocol import (
+    FEDERATION_PREFIX,
+    RELAYS_QUERY_TYPE,
+    relay_txn_path,
+    send_relay_path,
+)
 from synapse_relay.sender import MAPPING_CACHE_MS
 from tests.harness.fedclient import FakeServer, FakeServerFactory
 from tests.harness.homeserver import HomeserverFactory, WorkerHomeserver
@@ -266,6 +274,26 @@ def test_collector_on_the_background_tasks_worker(
     assert net.queued(net.p, net.w.server_name) == 0
     receive = net.admin(collector, "GET", "status").json()["receive"]
     assert receive["processed"] == 3
+
+
+def test_federation_workers_advertise_our_relays(
+    net: Deployment, fake_servers: FakeServerFactory
+) -> None:
+    """Relay discovery's query is answered by the generic workers too, with w's
+    relays signed with w's key (docs/discovery.rst)."""
+    asker = fake_servers.create()
+    keys = net.w.client("GET", "/_matrix/key/v2/server").json()["verify_keys"]
+    for name in ("federation1", "federation2"):
+        response = asker.request(
+            "GET", net.w.workers[name], f"{FEDERATION_PREFIX}/query/{RELAYS_QUERY_TYPE}"
+        )
+        assert response.status_code == 200, response.text
+        advertisement = response.json()
+        assert advertisement["server_name"] == net.w.server_name
+        assert advertisement["relays"] == [net.p.server_name]
+        for key_id, key in keys.items():
+            verify_key = decode_verify_key_bytes(key_id, decode_base64(key["key"]))
+            verify_signed_json(advertisement, net.w.server_name, verify_key)
 
 
 def test_no_process_logged_an_error(net: Deployment) -> None:
