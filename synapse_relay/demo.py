@@ -11,7 +11,9 @@ receives every message through R, in order.
 
 import argparse
 import json
+import os
 import secrets
+import shlex
 import shutil
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from urllib.parse import quote
 from synapse_relay.loopback import (
     Homeserver,
     PostgresCluster,
+    PostgresError,
     free_port,
     make_self_signed_cert,
     terminated_as_interrupt,
@@ -301,26 +304,50 @@ def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
     say.say("R's queue for B is empty: every entry was acknowledged after processing.")
     if keep:
         scenario.start(a)
-        say.say("The three homeservers keep running (--keep):")
-        for name, homeserver, user in (
-            ("A", a, scenario.alice),
-            ("R", r, scenario.relay_admin),
-            ("B", b, scenario.bob),
-        ):
-            say.say(
-                f"  {name}  {homeserver.base_url}  user {user.user_id}"
-                f"  password {user.password}"
-            )
-        pids = " ".join(str(h.pid) for h in scenario.homeservers)
-        say.say(f"Stop them with: kill {pids}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="synapse-relay demo",
-        description="Three real homeservers on loopback show a message crossing "
-        "through a relay while its recipient, then its sender, is offline.",
+def report_kept(
+    scenario: Scenario, postgres: PostgresCluster | None, out: TextIO
+) -> None:
+    """Say what keeps running (--keep): each process, how to stop and restart it."""
+    say = Narrator(out, steps=0)
+    say.say("\nStill running (--keep):", indent="")
+    for name, homeserver, user in (
+        ("A", scenario.a, scenario.alice),
+        ("R", scenario.r, scenario.relay_admin),
+        ("B", scenario.b, scenario.bob),
+    ):
+        # Synapse started with --daemonize writes its pid there too.
+        homeserver.pid_path.write_text(f"{homeserver.pid}\n")
+        restart = " ".join(
+            [
+                *(f"{k}={shlex.quote(v)}" for k, v in homeserver.environment().items()),
+                shlex.join([*homeserver.command(), "--daemonize"]),
+            ]
+        )
+        say.say(f"{name}  {homeserver.server_name}, pid {homeserver.pid}", indent="")
+        say.say(f"client API {homeserver.base_url} (certificate: self-signed)")
+        say.say(f"user {user.user_id}, password {user.password}")
+        say.say(f"log      {homeserver.log_path}")
+        say.say(f"stop:    kill $(cat {shlex.quote(str(homeserver.pid_path))})")
+        say.say(f"restart: cd {shlex.quote(str(homeserver.workdir))} && {restart}")
+    if postgres is not None:
+        say.say(
+            f"PostgreSQL  {postgres.host}:{postgres.port} (databases of A, R and B),"
+            f" data in {postgres.datadir}",
+            indent="",
+        )
+        say.say(f"log      {postgres.log_path}")
+        say.say(f"stop:    {shlex.join(postgres.control('stop'))}")
+        say.say(f"restart: {shlex.join(postgres.control('start'))}")
+    say.say(
+        f"Remove {scenario.directory} once all are stopped"
+        + (" (PostgreSQL last: the homeservers need it)." if postgres else "."),
+        indent="",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
         type=int,
@@ -331,27 +358,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--postgres",
         action="store_true",
-        help="use a throwaway PostgreSQL server instead of SQLite",
+        help="use a throwaway PostgreSQL server (under --dir) instead of SQLite",
     )
     parser.add_argument(
         "--keep",
         action="store_true",
-        help="leave the homeservers running to explore them",
+        help="leave the homeservers (and PostgreSQL) running to explore them, and"
+        " say how to stop and restart each",
     )
     parser.add_argument(
         "--dir",
         type=Path,
-        help="where to put the homeservers (default: a new temp dir)",
+        help="where to put the homeservers (default: a new temp dir, removed"
+        " afterwards unless --keep)",
     )
-    args = parser.parse_args(argv)
+
+
+DESCRIPTION = (
+    "Three real homeservers on loopback show a message crossing through a relay"
+    " while its recipient, then its sender, is offline."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synapse-relay demo", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_command(parser, parser.parse_args(argv))
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the demo as the command line asked; the process's exit code."""
     if args.messages < 1:
         parser.error("--messages must be at least 1")
     out = sys.stdout
     directory = args.dir or Path(tempfile.mkdtemp(prefix="synapse-relay-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
+    if args.postgres and os.geteuid() == 0:
+        directory.chmod(0o755)  # PostgreSQL runs as `postgres` and lives in it
     print("synapse-relay demo: a relay carries alice's messages to bob", file=out)
     succeeded = False
-    with terminated_as_interrupt(), _postgres(args.postgres, args.keep) as postgres:
+    with terminated_as_interrupt(), _postgres(args.postgres, directory) as postgres:
         scenario = Scenario(
             directory, postgres.create_database if postgres else lambda: None
         )
@@ -365,19 +411,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         except KeyboardInterrupt:
-            print("\ninterrupted: stopping the homeservers", file=out)
+            print("\ninterrupted: stopping everything the demo started", file=out)
             return 130
         finally:
             if not (args.keep and succeeded):
                 scenario.stop_all()
+                if postgres is not None:
+                    postgres.stop()
+        if args.keep:
+            report_kept(scenario, postgres, out)
     if not args.keep and args.dir is None:
         shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
 @contextmanager
-def _postgres(enabled: bool, keep: bool) -> Iterator[PostgresCluster | None]:
-    """A throwaway PostgreSQL server, left running with --keep."""
+def _postgres(enabled: bool, directory: Path) -> Iterator[PostgresCluster | None]:
+    """A throwaway PostgreSQL server in `directory`/postgres, started; whoever
+    keeps it running stops it."""
     if not enabled:
         yield None
         return
@@ -386,10 +437,15 @@ def _postgres(enabled: bool, keep: bool) -> Iterator[PostgresCluster | None]:
             "--postgres needs PostgreSQL installed (on Debian: apt-get install"
             " postgresql)"
         )
-    cluster = PostgresCluster()
-    cluster.start()
+    cluster = PostgresCluster(directory=directory / "postgres")
     try:
-        yield cluster
-    finally:
-        if not keep:
-            cluster.stop()
+        cluster.start()  # (on failure, it stops and removes what it started)
+    except PostgresError as e:
+        hint = (
+            "\n(as root, PostgreSQL runs as the postgres user: --dir and the"
+            " directories above it must be open to it)"
+            if os.geteuid() == 0
+            else ""
+        )
+        raise SystemExit(f"demo failed: PostgreSQL did not start: {e}{hint}") from None
+    yield cluster

@@ -293,22 +293,30 @@ class SynapseProcess(Service):
         if self.is_running:
             raise HomeserverError(f"{self} is already running")
         self.write_config()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [_checkout_root(), env.get("PYTHONPATH")])
-        )
-        configs = itertools.chain.from_iterable(
-            ("-c", str(p)) for p in self.config_paths
-        )
         with self.stdout_path.open("ab") as stdout:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", self.app, *configs],
+                self.command(),
                 cwd=self.workdir,
-                env=env,
+                env={**os.environ, **self.environment()},
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
             )
+
+    def command(self) -> list[str]:
+        """The command line of the process, run in `workdir` with `environment()`."""
+        configs = itertools.chain.from_iterable(
+            ("-c", str(p)) for p in self.config_paths
+        )
+        return [sys.executable, "-m", self.app, *configs]
+
+    def environment(self) -> dict[str, str]:
+        """The variables the process needs beyond ours: PYTHONPATH leading to this
+        checkout when the package runs from one."""
+        path = os.pathsep.join(
+            filter(None, [_checkout_root(), os.environ.get("PYTHONPATH")])
+        )
+        return {"PYTHONPATH": path} if path else {}
 
     def wait_healthy(self, timeout: float = 60) -> None:
         """Wait until /health answers 200. On failure the process is killed and
@@ -425,6 +433,8 @@ class Homeserver(SynapseProcess):
         }
         workdir.mkdir(parents=True, exist_ok=True)
         self.signing_key_path = workdir / "signing.key"
+        # Synapse writes it when started with --daemonize
+        self.pid_path = workdir / "homeserver.pid"
         with self.signing_key_path.open("w") as f:
             write_signing_keys(f, [generate_signing_key("a_" + secrets.token_hex(2))])
 
@@ -439,7 +449,7 @@ class Homeserver(SynapseProcess):
         config: dict[str, Any] = {
             "server_name": self.server_name,
             "public_baseurl": f"{self.base_url}/",
-            "pid_file": str(self.workdir / "homeserver.pid"),
+            "pid_file": str(self.pid_path),
             "listeners": [
                 {
                     "port": self.port,
@@ -605,14 +615,20 @@ class PostgresCluster(Service):
     what was committed survives `halt()` (the machine itself is not expected to
     crash: no fsync either way)."""
 
-    def __init__(self, crash_safe: bool = False) -> None:
+    def __init__(self, crash_safe: bool = False, directory: Path | None = None) -> None:
+        """`directory` (created, or empty) holds its data, log and socket; by
+        default a new temporary directory."""
         self.crash_safe = crash_safe
         bindir = self.bindir()
         if bindir is None:
             raise PostgresError("PostgreSQL binaries not found")
         self._bindir = bindir
         self._as_root = os.geteuid() == 0
-        self.root = Path(tempfile.mkdtemp(prefix="synapse-relay-pg-"))
+        if directory is None:
+            self.root = Path(tempfile.mkdtemp(prefix="synapse-relay-pg-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.root = directory
         self.datadir = self.root / "data"
         self.log_path = self.root / "postgres.log"
         self.host = "127.0.0.1"
@@ -646,10 +662,30 @@ class PostgresCluster(Service):
     def available(cls) -> bool:
         return cls.bindir() is not None
 
-    def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+    def command(self, program: str, *args: str) -> list[str]:
+        """The command line running a PostgreSQL program (as `postgres` if root)."""
         command = [str(self._bindir / program), *args]
         if self._as_root:
             command = ["runuser", "-u", SUPERUSER, "--", *command]
+        return command
+
+    def control(self, action: str, *args: str) -> list[str]:
+        """The `pg_ctl` command line that starts (`action="start"`) or stops the
+        server on its data directory, as it is run here."""
+        if action == "start":
+            options = (
+                f"-h {self.host} -p {self.port} -k {self.root}"
+                " -c fsync=off -c full_page_writes=off"
+            )
+            if not self.crash_safe:
+                options += " -c synchronous_commit=off"
+            args = (f"--log={self.log_path}", f"--options={options}", *args)
+        return self.command("pg_ctl", action, f"--pgdata={self.datadir}", *args)
+
+    def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._execute(self.command(program, *args))
+
+    def _execute(self, command: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             command, cwd=self.root, capture_output=True, text=True, check=False
         )
@@ -689,29 +725,12 @@ class PostgresCluster(Service):
     def halt(self) -> None:
         """Stop the server at once, as a crash would (`pg_ctl stop --mode=immediate`):
         clients lose their connections; `resume()` starts it again, data kept."""
-        self._check(
-            self._run("pg_ctl", "stop", f"--pgdata={self.datadir}", "--mode=immediate")
-        )
+        self._check(self._execute(self.control("stop", "--mode=immediate")))
 
     def resume(self, timeout: float = 60) -> None:
         """Start the server on its data directory and wait until it accepts
         connections."""
-        options = (
-            f"-h {self.host} -p {self.port} -k {self.root}"
-            " -c fsync=off -c full_page_writes=off"
-        )
-        if not self.crash_safe:
-            options += " -c synchronous_commit=off"
-        self._check(
-            self._run(
-                "pg_ctl",
-                "start",
-                "--no-wait",
-                f"--pgdata={self.datadir}",
-                f"--log={self.log_path}",
-                f"--options={options}",
-            )
-        )
+        self._check(self._execute(self.control("start", "--no-wait")))
         ready = ("-h", self.host, "-p", str(self.port), "-U", SUPERUSER)
         try:
             wait_until(
@@ -756,7 +775,7 @@ class PostgresCluster(Service):
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete its directory."""
         if self._started:
-            self._run("pg_ctl", "stop", f"--pgdata={self.datadir}", "--mode=fast")
+            self._execute(self.control("stop", "--mode=fast"))
             self._started = False
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -11,6 +11,9 @@ from synapse_relay.loopback import make_self_signed_cert
 from tests.harness.fedclient import FakeServerFactory
 from tests.harness.homeserver import Homeserver, HomeserverFactory, RedisServer
 from tests.harness.postgres import Backend, PostgresCluster
+from tests.harness.summary import RunSummary
+
+_summary = RunSummary()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -18,6 +21,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "workers: starts a Synapse worker deployment (PostgreSQL, Redis)"
     )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _summary.collected(session.items)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _summary.record(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """End the run saying how many PostgreSQL and worker tests ran, or why not."""
+    for line in _summary.lines():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
