@@ -19,15 +19,16 @@ with Dendrite's `relay_txn` from relays without the batch endpoint: see
    is probably offline), never accepting a key that contradicts one we hold;
 3. *feed* it to Synapse's normal inbound federation processing as if it had come
    from its origin (`FederationServer.on_incoming_transaction`) under the
-   transaction id `relayed:<its id>` (unproven) or its id (proven), and wait
-   until Synapse has processed its
-   PDUs (they leave Synapse's inbound staging area);
-4. *acknowledge* it: its entry id goes in the next request to the relay, so the
-   relay deletes it only after we processed it.
+   transaction id `relayed:<its id>` (unproven) or its id (proven); Synapse
+   processes its PDUs in the background (they leave Synapse's inbound staging
+   area);
+4. *acknowledge* it once its PDUs are processed: its entry id goes in the next
+   request to the relay, so the relay deletes it only after we processed it.
 
-Feeding one transaction at a time and waiting until its PDUs left the staging
-area keeps Synapse's inbound staging area (which it prunes at 100 events per
-room) far from its limits, however many transactions a batch brings.
+The next transaction is fed while Synapse still processes the previous ones, as
+a direct sender does, within a window of unprocessed PDUs that keeps Synapse's
+inbound staging area (which it prunes at 100 events per room) far from its limits
+(`staging.py`); an entry is acknowledged once its PDUs left the staging area.
 
 A transient failure (the relay unreachable or answering an error, our database
 down, Synapse busy with another transaction of the same origin, a PDU failing for
@@ -85,6 +86,7 @@ from synapse_relay.relay_client import (
     RelayMailbox,
     RelayWire,
 )
+from synapse_relay.staging import StagingStuck, StagingWindow
 from synapse_relay.stats import KindCounts, RoleStats
 from synapse_relay.store import RelayStore
 
@@ -109,17 +111,6 @@ RECEIVE_COUNTERS = {
 
 # The first collection, shortly after Synapse has started.
 STARTUP_DELAY_MS = 1_000
-# How long Synapse may take to process the PDUs of one fed transaction.
-PROCESSING_TIMEOUT_MS = 60_000
-# Checked often at first (fed PDUs typically take 10-30 ms; each check is one
-# indexed query), then less: this bounds the wait between one transaction's
-# processing and the next fetch, which sets the pace of a collection.
-PROCESSING_POLL_MS = (2,) * 15 + (10, 20, 50, 100, 200, 500)
-# While fed PDUs wait this long in Synapse's staging area, and as often again,
-# Synapse is asked to process its staging area (PDUs left there by a processing
-# that failed, our database being down, would otherwise wait for Synapse's
-# once-a-minute retry).
-PROCESS_STAGED_AFTER_MS = 1_000
 # After a collection that failed while our database did not answer, the database
 # is checked this often, and we collect again as soon as it answers (rather than
 # at the next poll interval).
@@ -378,24 +369,49 @@ class Collector:
     async def _collect_mailbox(
         self, relay: str, mailbox: RelayMailbox, done: RelayCollection
     ) -> RelayCollection:
-        while True:
-            try:
-                entry = await mailbox.next()
-            except (RelayRequestFailed, MalformedAnswer, HandedOutAgain) as e:
-                return self._failed(relay, done, f"{mailbox.wire_form} failed: {e}")
-            if entry is None:
-                return done
-            self.stats.inc("collected", relay)
-            try:
-                verdict = await self._handle(relay, entry)
-            except _Stop as e:
-                return self._failed(relay, done, e.reason)
+        verdicts: dict[int, Verdict] = {}
+
+        def finished(entry_id: int) -> None:
+            """An entry is processed (or rejected): count and acknowledge it."""
+            verdict = verdicts.pop(entry_id)
             if verdict is Verdict.PROCESSED:
                 done.processed += 1
             else:
                 done.rejected += 1
             self.stats.inc(verdict.value, relay)
-            mailbox.done(entry.entry_id)
+            mailbox.done(entry_id)
+
+        window = StagingWindow(self._hs, self._api, finished)
+        try:
+            while True:
+                if not mailbox.batch:
+                    # relay_txn hands out the next entry only once this one is
+                    # acknowledged
+                    await window.drain()
+                entry = await mailbox.next()
+                if entry is None:
+                    if window.empty:
+                        return done
+                    await window.drain()  # then acknowledge, and ask again
+                    continue
+                self.stats.inc("collected", relay)
+                verdicts[entry.entry_id], origin, staged = await self._handle(
+                    relay, entry, window
+                )
+                window.add(entry.entry_id, origin, staged)
+        except (RelayRequestFailed, MalformedAnswer, HandedOutAgain) as e:
+            reason = f"{mailbox.wire_form} failed: {e}"
+        except _Stop as e:
+            reason = e.reason
+        except StagingStuck as e:
+            reason = str(e)
+        # What was fed before the failure is acknowledged (next round) once
+        # processed.
+        try:
+            await window.drain()
+        except StagingStuck:
+            pass
+        return self._failed(relay, done, reason)
 
     def _failed(
         self, relay: str, done: RelayCollection, reason: str
@@ -409,8 +425,11 @@ class Collector:
         done.error = reason
         return done
 
-    async def _handle(self, relay: str, entry: RelayEntry) -> Verdict:
-        """Process one entry; PROCESSED or REJECTED (acknowledge it) or raise _Stop."""
+    async def _handle(
+        self, relay: str, entry: RelayEntry, window: StagingWindow
+    ) -> tuple[Verdict, str, Collection[str]]:
+        """Feed one entry: PROCESSED or REJECTED (acknowledge it once its PDUs are
+        processed), its origin and its PDUs Synapse staged; or raise _Stop."""
         now_ms = self._api.get_current_time_msec()
         to_verify = proof_to_verify(entry, self._hs.server_name, now_ms)
         proven = False
@@ -428,7 +447,7 @@ class Collector:
                 proven = await self._verify_proof(relay, to_verify)
             except _Stop as e:
                 key = (relay, to_verify.origin, to_verify.txn_id)
-                return await self._transient(key, entry, e)
+                return await self._transient(key, entry, e), "", ()
         prepared = prepare_transaction(
             entry.transaction, self._hs.server_name, now_ms, proven=proven
         )
@@ -439,7 +458,7 @@ class Collector:
                 relay,
                 prepared.reason,
             )
-            return Verdict.REJECTED
+            return Verdict.REJECTED, "", ()
         origin = prepared.origin
         if prepared.derived_id:
             logger.debug(
@@ -476,9 +495,9 @@ class Collector:
 
         key = (relay, origin, prepared.txn_id)
         try:
-            outcome = await self._feed(relay, prepared)
+            outcome = await self._feed(relay, prepared, window)
         except _Stop as e:
-            return await self._transient(key, entry, e)
+            return await self._transient(key, entry, e), origin, ()
         self._attempts.pop(key, None)
         if outcome.verdict is Verdict.REJECTED:
             logger.warning(
@@ -489,7 +508,7 @@ class Collector:
                 entry.entry_id,
                 relay,
             )
-            return Verdict.REJECTED
+            return Verdict.REJECTED, origin, ()
         for event_id, error in outcome.rejected.items():
             logger.warning(
                 "Synapse rejected PDU %s of transaction %s from %s (relay %s): %s",
@@ -504,7 +523,7 @@ class Collector:
         for edu in prepared.body["edus"]:
             self.stats.edus.inc(edu_type_of(edu), "processed")
         logger.info(
-            "Processed %s transaction %s from %s (entry %d from relay %s): %d PDUs"
+            "Fed %s transaction %s from %s (entry %d from relay %s): %d PDUs"
             " accepted, %d rejected, %d EDUs",
             "proven" if prepared.proven else "unproven",
             prepared.txn_id,
@@ -515,7 +534,7 @@ class Collector:
             len(outcome.rejected),
             len(prepared.body["edus"]),
         )
-        return Verdict.PROCESSED
+        return Verdict.PROCESSED, origin, outcome.accepted
 
     async def _verify_proof(self, relay: str, to_verify: ProofToVerify) -> bool:
         """Whether the entry's origin proof verifies with a key of its origin valid
@@ -546,12 +565,18 @@ class Collector:
         self.stats.inc("proven", relay)
         return True
 
-    async def _feed(self, relay: str, prepared: Prepared) -> FeedOutcome:
-        """Feed a transaction to Synapse and wait until its PDUs are processed."""
+    async def _feed(
+        self, relay: str, prepared: Prepared, window: StagingWindow
+    ) -> FeedOutcome:
+        """Feed a transaction to Synapse once its PDUs fit in the staging window."""
         origin = prepared.origin
         needed = keys_needed(prepared.body["pdus"], origin)
         if needed:
             await self._ensure_keys(relay, origin, needed)
+        try:
+            await window.make_room(len(prepared.body["pdus"]))
+        except StagingStuck as e:
+            raise _Stop(str(e), counts_as_attempt=False) from e
         txn_id = prepared.fed_txn_id
         try:
             previous = await self._hs.previous_response(origin, txn_id)
@@ -573,44 +598,7 @@ class Collector:
         outcome = judge_feed(code, response)
         if outcome.verdict is Verdict.TRANSIENT:
             raise _Stop(outcome.reason, outcome.counts_as_attempt)
-        await self._wait_until_processed(origin, outcome.accepted)
         return outcome
-
-    async def _wait_until_processed(
-        self, origin: str, event_ids: Collection[str]
-    ) -> None:
-        """Wait until Synapse has processed the staged PDUs, so that an entry is
-        acknowledged only once its events are in the room (or rejected), and the
-        next transaction's PDUs come after them."""
-        waiting = set(event_ids)
-        waited_ms = 0
-        attempt = 0
-        next_kick_ms = PROCESS_STAGED_AFTER_MS
-        while waiting:
-            try:
-                waiting = await self._hs.still_staged(origin, waiting)
-            except Exception as e:
-                raise _Stop(f"checking Synapse's staging area failed: {e!r}") from e
-            if not waiting:
-                return
-            if waited_ms >= PROCESSING_TIMEOUT_MS:
-                raise _Stop(
-                    f"Synapse has not processed {len(waiting)} PDUs after"
-                    f" {waited_ms} ms",
-                    counts_as_attempt=False,
-                )
-            if waited_ms >= next_kick_ms:
-                next_kick_ms += PROCESS_STAGED_AFTER_MS
-                try:
-                    await self._hs.process_staged()
-                except Exception as e:
-                    raise _Stop(
-                        f"processing Synapse's staging area failed: {e!r}"
-                    ) from e
-            delay = PROCESSING_POLL_MS[min(attempt, len(PROCESSING_POLL_MS) - 1)]
-            attempt += 1
-            await self._api.sleep(delay / 1000)
-            waited_ms += delay
 
     async def _ensure_keys(
         self, relay: str, origin: str, needed: Mapping[str, int]

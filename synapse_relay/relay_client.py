@@ -7,7 +7,8 @@ client side; the collector, `collector.py`, handles what it hands out).
   ahead*: when the collector takes the last entry in hand, the next batch is
   already requested (acknowledging everything processed before it), so that the
   relay's answer travels while Synapse processes that entry. The relay returns
-  the entry in hand again (it is not acknowledged yet): it is skipped.
+  the entries handed out and not acknowledged yet again (in hand, or fed and not
+  processed yet): they are skipped, and counted in the request's limit.
 - *relay_txn* (section 2, Dendrite's API): one entry per request, acknowledging
   the previous one. No fetching ahead: the relay hands out the oldest entry until
   it is acknowledged.
@@ -35,7 +36,7 @@ from synapse_relay.inbound import (
     parse_batch_answer,
     parse_relay_answer,
 )
-from synapse_relay.protocol import collect_path, relay_txn_path
+from synapse_relay.protocol import COLLECT_MAX_LIMIT, collect_path, relay_txn_path
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class RelayMailbox:
     async def _fetch(self, ahead: bool) -> None:
         if self.batch:
             try:
-                await self._fetch_batch(ahead)
+                await self._fetch_batch()
                 return
             except RelayRequestFailed as e:
                 if not lacks_batch_endpoint(e):
@@ -159,10 +160,12 @@ class RelayMailbox:
                     return  # `next` fetches with relay_txn once the entry is done
         await self._fetch_relay_txn()
 
-    async def _fetch_batch(self, ahead: bool) -> None:
+    async def _fetch_batch(self) -> None:
         sent = list(self._acks)
-        # fetching ahead, the entry in hand comes back first
-        limit = BATCH_LIMIT + 1 if ahead else BATCH_LIMIT
+        # The entries handed out or fetched and not acknowledged (in hand, fed
+        # and not processed yet) come back first: ask for that many more.
+        outstanding = len(self._seen - self._acknowledged - set(sent))
+        limit = min(BATCH_LIMIT + outstanding, COLLECT_MAX_LIMIT)
         answer = await self._wire.post_json(
             self._relay,
             collect_path(self._wire.server_name),
@@ -171,10 +174,10 @@ class RelayMailbox:
         )
         entries, more = parse_batch_answer(answer)
         self._confirmed(sent)
-        for entry in entries:
-            self._take(entry)
-        # (a relay saying "more" with no entries at all is not asked again now)
-        self._more = more and bool(entries)
+        new = [self._take(entry) for entry in entries]
+        # Nothing new (the relay's size budget, or only entries not acknowledged
+        # yet): ask again only once more entries are acknowledged.
+        self._more = more and any(new)
 
     async def _fetch_relay_txn(self) -> None:
         # relay_txn acknowledges one entry per request
@@ -187,9 +190,7 @@ class RelayMailbox:
         )
         entry = parse_relay_answer(answer)
         self._confirmed(sent)
-        if entry is not None:
-            self._take(entry)
-        self._more = entry is not None
+        self._more = entry is not None and self._take(entry)
 
     def _confirmed(self, sent: list[int]) -> None:
         """The relay answered a request acknowledging `sent`."""
@@ -197,13 +198,15 @@ class RelayMailbox:
         confirmed = set(sent)
         self._acks = [a for a in self._acks if a not in confirmed]
 
-    def _take(self, entry: RelayEntry) -> None:
+    def _take(self, entry: RelayEntry) -> bool:
+        """Queue an entry the relay handed out; whether it is new."""
         if entry.entry_id in self._acknowledged:
             raise HandedOutAgain(
                 f"the relay handed out entry {entry.entry_id} again after we"
                 " acknowledged it"
             )
         if entry.entry_id in self._seen:
-            return  # in hand, or done with and not acknowledged yet
+            return False  # in hand, or done with and not acknowledged yet
         self._seen.add(entry.entry_id)
         self._pending.append(entry)
+        return True

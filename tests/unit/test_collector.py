@@ -8,7 +8,7 @@ import pytest
 from twisted.internet import defer
 
 from synapse_relay import collector as c
-from synapse_relay import inbound
+from synapse_relay import inbound, staging
 from synapse_relay import relay_client as rc
 from synapse_relay._synapse import HeldKey
 from synapse_relay._synapse.inbound import NotaryKeyRejected, RelayRequestFailed
@@ -410,6 +410,7 @@ class FakeApi:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+        self.now += int(seconds * 1000)
 
 
 class FakeStore:
@@ -479,7 +480,7 @@ def test_waits_until_synapse_processed_the_pdus() -> None:
     collector, hs, _, api = make(("r1", relay))
     hs.staged_polls = [{"$event1"}, {"$event1"}, set()]
     run(collector.collect())
-    assert api.slept == [ms / 1000 for ms in c.PROCESSING_POLL_MS[:2]]
+    assert api.slept == [ms / 1000 for ms in staging.PROCESSING_POLL_MS[:2]]
     assert relay.entries == {}
 
 
@@ -685,16 +686,62 @@ def test_batch_collect_fetches_ahead_and_feeds_in_order() -> None:
         f"relayed:t{n}" for n in range(1, count + 1)
     ]
     assert relay.entries == {} and relay.requests == []  # no relay_txn at all
-    first = list(range(1, rc.BATCH_LIMIT))
     assert relay.batch_requests == [
         ([], rc.BATCH_LIMIT),
-        # while the last entry in hand is processed, the next batch is asked
-        # for, acknowledging only what was processed (it comes back, skipped)
-        (first, rc.BATCH_LIMIT + 1),
-        # the last batch says nothing more remains: a last request acknowledges
-        (list(range(rc.BATCH_LIMIT, count + 1)), rc.BATCH_LIMIT),
+        # while the last entry in hand is fed, the next batch is asked for,
+        # acknowledging only what Synapse processed; the entries fed and not
+        # processed yet (24, 25) come back, skipped, and count in the limit
+        (list(range(1, rc.BATCH_LIMIT - 1)), rc.BATCH_LIMIT + 2),
+        # the last batch said nothing more remains: acknowledging what was
+        # processed meanwhile (30 was still in Synapse's staging area)...
+        (list(range(rc.BATCH_LIMIT - 1, count)), rc.BATCH_LIMIT + 1),
+        # ...and, once Synapse processed it, the last one
+        ([count], rc.BATCH_LIMIT),
     ]
     assert relay.acknowledged == list(range(1, count + 1))
+
+
+class SlowStaging:
+    """Synapse processing each staged PDU only after it was checked `polls` times;
+    records how many PDUs were staged at each feed."""
+
+    def __init__(self, hs: FakeHomeserver, polls: int) -> None:
+        self.remaining: dict[str, int] = {}
+        self.staged_at_feed: list[int] = []
+        original_feed = hs.feed
+
+        async def feed(origin: str, txn_id: str, transaction: dict) -> Any:
+            self.staged_at_feed.append(len(self.remaining))
+            for p in transaction["pdus"]:
+                self.remaining[p["event_id"]] = polls
+            return await original_feed(origin, txn_id, transaction)
+
+        async def still_staged(origin: str, event_ids: Collection[str]) -> set[str]:
+            for event_id in event_ids:
+                if event_id in self.remaining:
+                    self.remaining[event_id] -= 1
+                    if self.remaining[event_id] <= 0:
+                        del self.remaining[event_id]
+            return set(event_ids) & set(self.remaining)
+
+        hs.feed = feed  # type: ignore[method-assign]
+        hs.still_staged = still_staged  # type: ignore[method-assign]
+
+
+def test_feeds_ahead_within_synapse_staging_window() -> None:
+    per_txn = 20
+    relay = batch_relay(
+        *(txn(n, pdus=[pdu(n * 100 + i) for i in range(per_txn)]) for n in range(1, 8))
+    )
+    collector, hs, _, _ = make(("r1", relay))
+    slow = SlowStaging(hs, polls=3)
+    assert run(collector.collect()).processed == 7
+    assert [txn_id for _, txn_id, _ in hs.fed] == [f"relayed:t{n}" for n in range(1, 8)]
+    # the next transaction is fed while earlier ones are still staged...
+    assert max(slow.staged_at_feed) > 0
+    # ...but never beyond the window
+    assert all(n + per_txn <= staging.STAGING_WINDOW for n in slow.staged_at_feed)
+    assert relay.entries == {} and slow.remaining == {}
 
 
 def test_batch_collect_of_an_empty_mailbox_is_one_request() -> None:
@@ -720,9 +767,10 @@ def test_batch_failure_keeps_acknowledgements_for_the_next_round() -> None:
     assert result.relays["r1"].error == "batch collect failed: r1: timed out"
     assert 1 in relay.entries  # nothing acknowledged
     relay.batch_answer = original  # type: ignore[method-assign]
+    first_round = len(relay.batch_requests)
     result = run(collector.collect())
     # every processed entry acknowledged first: none fed twice
-    assert relay.batch_requests[-2][0] == list(range(1, rc.BATCH_LIMIT + 1))
+    assert relay.batch_requests[first_round][0] == list(range(1, rc.BATCH_LIMIT + 1))
     assert result.processed == 2
     assert len(hs.fed) == rc.BATCH_LIMIT + 2
     assert relay.entries == {}
