@@ -405,12 +405,10 @@ class Collector:
             reason = e.reason
         except StagingStuck as e:
             reason = str(e)
-        # What was fed before the failure is acknowledged (next round) once
-        # processed.
-        try:
-            await window.drain()
-        except StagingStuck:
-            pass
+            if e.database and not await self._database_answers():
+                self._database_failed = True
+        # What was fed and not acknowledged is fed again next time (Synapse
+        # answers a transaction id it processed with its stored answer).
         return self._failed(relay, done, reason)
 
     def _failed(
@@ -576,7 +574,7 @@ class Collector:
         try:
             await window.make_room(len(prepared.body["pdus"]))
         except StagingStuck as e:
-            raise _Stop(str(e), counts_as_attempt=False) from e
+            raise _Stop(str(e), counts_as_attempt=e.database) from e
         txn_id = prepared.fed_txn_id
         try:
             previous = await self._hs.previous_response(origin, txn_id)

@@ -47,7 +47,12 @@ class StagingArea(Protocol):
 
 
 class StagingStuck(Exception):
-    """Synapse's staging area cannot be checked, or does not drain in time."""
+    """Synapse's staging area cannot be checked or processed (`database`: our
+    database failing, probably), or does not drain in time."""
+
+    def __init__(self, reason: str, database: bool) -> None:
+        super().__init__(reason)
+        self.database = database
 
 
 @attr.s(auto_attribs=True)
@@ -119,7 +124,7 @@ class StagingWindow:
                     await self._staging.process_staged()
                 except Exception as e:
                     raise StagingStuck(
-                        f"processing Synapse's staging area failed: {e!r}"
+                        f"processing Synapse's staging area failed: {e!r}", True
                     ) from e
             delay = polls_ms[min(attempt, len(polls_ms) - 1)]
             attempt += 1
@@ -138,7 +143,7 @@ class StagingWindow:
                 )
             except Exception as e:
                 raise StagingStuck(
-                    f"checking Synapse's staging area failed: {e!r}"
+                    f"checking Synapse's staging area failed: {e!r}", True
                 ) from e
             for fed in mine:
                 fed.staged &= staged
@@ -150,5 +155,6 @@ class StagingWindow:
             elif now - fed.fed_ms >= PROCESSING_TIMEOUT_MS:
                 raise StagingStuck(
                     f"Synapse has not processed {len(fed.staged)} PDUs of entry"
-                    f" {fed.entry_id} after {now - fed.fed_ms} ms"
+                    f" {fed.entry_id} after {now - fed.fed_ms} ms",
+                    False,
                 )
