@@ -35,13 +35,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from signedjson.sign import sign_json
 
+from synapse_relay import proof
 from synapse_relay.protocol import (
     FEDERATION_PREFIX,
     KEYS_PREFIX,
     ORIGIN_AUTH,
+    RELAYS_QUERY_TYPE,
     UNSTABLE_PREFIX,
 )
-from tests.harness.fedclient import FakeServer, FakeServerFactory, quote
+from tests.harness.fedclient import KEY_ID, FakeServer, FakeServerFactory, quote
 from tests.harness.homeserver import (
     Homeserver,
     HomeserverFactory,
@@ -338,8 +340,13 @@ def net(
     alice, bob, carol, dave, erin = (fake_servers.create() for _ in range(5))
     hs = homeserver_factory.create(
         {
-            "relay": {"enabled": True, "destinations": ["*"]},
-            "send": {"relays": {"localhost:1": [alice.server_name]}},
+            # push and discovery off: hostile input must not make it contact
+            # the (non-loopback) servers it names
+            "relay": {"enabled": True, "destinations": ["*"], "push": False},
+            "send": {
+                "relays": {"localhost:1": [alice.server_name]},
+                "discover": False,
+            },
         }
     )
     with RawClient("127.0.0.1", hs.port) as http:
@@ -478,19 +485,89 @@ def queued(net: Net) -> Counter[str]:
 # --- the properties -------------------------------------------------------------------
 
 
-def test_deposits(net: Net) -> None:
-    """PUT send_relay/{txnID}/{userID}: whatever the path and body, a 4xx or a 200;
-    each destination's mailbox then holds exactly the deposits answered 200, the
-    first of each transaction id, as deposited."""
+Deposit = tuple[str, str, bytes | None]  # txn id and user ID (quoted), body
+
+
+def plain_deposits(net: Net) -> st.SearchStrategy[Deposit]:
+    return st.tuples(txn_ids, user_ids(net.bob.server_name), bodies)
+
+
+def proven_deposits(net: Net) -> st.SearchStrategy[Deposit]:
+    """Deposits with an origin proof (DESIGN.md 2b) made by alice for bob, mostly
+    valid, with odd content; else altered after signing."""
+    values = json_texts(hostile=False).map(json.loads)
+    objects = st.dictionaries(st.text(max_size=5), values, max_size=3)
+    now = st.integers(0, 10**6).map(lambda ago: int(time.time() * 1000) - ago)
+    transactions = st.fixed_dictionaries(
+        {
+            "origin": mostly(st.just(net.alice.server_name), values),
+            "origin_server_ts": mostly(now, values),
+            "destination": mostly(st.just(net.bob.server_name), values),
+            "transaction_id": st.text(PCHARS, min_size=1, max_size=12),
+            "pdus": mostly(st.lists(objects, max_size=3), values),
+            "edus": mostly(st.lists(objects, max_size=3), values),
+        }
+    )
+
+    def prove(transaction: dict, key: str, alter: dict) -> Deposit:
+        signed = sign_json(
+            proof.signed_request(transaction),
+            net.alice.server_name,
+            net.alice.signing_key,
+        )
+        sig = signed["signatures"][net.alice.server_name][KEY_ID]
+        body = {**transaction, ORIGIN_AUTH: {"key": key, "sig": sig}, **alter}
+        txn_id = transaction["transaction_id"]
+        return (
+            quote(txn_id),
+            quote(f"@_relay:{net.bob.server_name}"),
+            (encode_canonical_json(body)),
+        )
+
+    return st.builds(
+        prove,
+        transactions,
+        mostly(st.just(KEY_ID), st.text(max_size=10)),
+        mostly(
+            st.just({}),
+            st.dictionaries(
+                st.sampled_from(["pdus", "edus", "origin_server_ts", "extra"]),
+                values,
+                min_size=1,
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DepositKind:
+    name: str
+    deposits: Callable[[Net], st.SearchStrategy[Deposit]]
+    examples: int
+
+
+DEPOSITS = [
+    DepositKind("deposit", plain_deposits, 200),
+    DepositKind("proven deposit", proven_deposits, 80),
+]
+
+
+@pytest.mark.parametrize("kind", DEPOSITS, ids=lambda kind: kind.name)
+def test_deposits(net: Net, kind: DepositKind) -> None:
+    """PUT send_relay/{txnID}/{userID}, with or without an origin proof: whatever
+    the path and body, a 4xx or a 200; each destination's mailbox then holds
+    exactly the deposits answered 200, the first of each transaction id, as
+    deposited."""
     before = queued(net)
     # destination -> txn id -> the body first answered 200
     stored: dict[str, dict[str, Any]] = {}
 
-    @fuzz(200)
-    @given(txn_id=txn_ids, user_id=user_ids(net.bob.server_name), body=bodies)
-    def deposit(txn_id: str, user_id: str, body: bytes | None) -> None:
+    @fuzz(kind.examples)
+    @given(deposit=kind.deposits(net))
+    def deposit(deposit: Deposit) -> None:
+        txn_id, user_id, body = deposit
         uri = f"{FED}/send_relay/{txn_id}/{user_id}"
-        status, _ = federation(net, net.alice, "PUT", uri, body, "deposit")
+        status, _ = federation(net, net.alice, "PUT", uri, body, kind.name)
         if status == 200:
             destination = path_arg(user_id).partition(":")[2]
             stored.setdefault(destination, {}).setdefault(
@@ -668,7 +745,10 @@ def test_collects(net: Net, endpoint: CollectEndpoint) -> None:
 server_names = st.one_of(st.sampled_from(SERVER_NAMES), st.text(PCHARS, max_size=12))
 admin_paths = mostly(
     st.builds(lambda name: f"relays/{quote(name)}", server_names),
-    st.sampled_from(["queues", "status", "collect", "relays", "relays/", ""]),
+    st.sampled_from(
+        ["queues", "status", "collect", "relays", "relays/", "registered", ""]
+    ),
+    st.builds(lambda name: f"relays/{quote(name)}/discover", server_names),
     st.builds(lambda s: f"relays/{s}", segments),
     st.builds(lambda s: f"relays/{s}/{s}", segments),
     segments,
@@ -826,4 +906,30 @@ def test_key_mailbox(net: Net) -> None:
     status, stock = federation(net, net.erin, "GET", uri, None, "check")
     assert status == 200, stock
     assert uploaded <= stock["users"].keys()
+    assert_still_serves(net)
+
+
+# --- relay discovery ----------------------------------------------------------------
+
+
+def test_discovery_query(net: Net) -> None:
+    """GET query/synapse_relay.relays, whatever the method, query and body: a 4xx
+    or a 200 with this server's signed advertisement."""
+
+    @fuzz(60)
+    @given(
+        method=mostly(st.just("GET"), st.sampled_from(["PUT", "POST", "DELETE"])),
+        query_type=mostly(st.just(RELAYS_QUERY_TYPE), segments),
+        query=queries,
+        body=mostly(st.none(), bodies),
+    )
+    def query(method: str, query_type: str, query: str, body: bytes | None) -> None:
+        uri = f"{FED}/query/{query_type}{query}"
+        status, value = federation(net, net.alice, method, uri, body, "query")
+        if status == 200:
+            assert value["server_name"] == net.hs.server_name
+            assert value["relays"] == []
+            assert net.hs.server_name in value["signatures"]
+
+    query()
     assert_still_serves(net)
