@@ -4,10 +4,13 @@ created on a database backend and all stopped together."""
 import re
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg2
 
@@ -15,6 +18,7 @@ from synapse_relay.loopback import (
     DEFAULT_PASSWORD,
     Homeserver,
     HomeserverError,
+    SynapseProcess,
     free_port,
     tail,
     wait_until,
@@ -36,6 +40,9 @@ __all__ = [
     "WorkerSpec",
     "free_port",
     "log_problems",
+    "send_text",
+    "shared_room",
+    "start_all",
     "run_sql",
     "select",
     "tail",
@@ -54,10 +61,56 @@ _PROBLEM = re.compile(
 )
 
 
-def log_problems(homeserver: Homeserver) -> list[str]:
-    """The lines of `homeserver`'s log that a healthy homeserver never logs."""
+def log_problems(homeserver: SynapseProcess) -> list[str]:
+    """The lines of `homeserver`'s log (a main process or a worker) that a healthy
+    homeserver never logs."""
     with homeserver.log_path.open(encoding="utf-8", errors="replace") as log:
         return [line.rstrip("\n") for line in log if _PROBLEM.search(line)]
+
+
+def start_all(homeservers: Sequence[Homeserver]) -> None:
+    """Start homeservers (which may be worker deployments) in parallel."""
+    with ThreadPoolExecutor(len(homeservers) or 1) as pool:
+        for future in [pool.submit(hs.start) for hs in homeservers]:
+            future.result()
+
+
+def shared_room(
+    creator: Homeserver, creator_token: str, joiners: Sequence[tuple[Homeserver, str]]
+) -> str:
+    """A public room created on `creator` that each (homeserver, token) of
+    `joiners` joined over federation; its id."""
+    response = creator.client(
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        creator_token,
+        {"preset": "public_chat"},
+    )
+    assert response.status_code == 200, response.text
+    room: str = response.json()["room_id"]
+    for homeserver, token in joiners:
+        response = homeserver.client(
+            "POST",
+            f"/_matrix/client/v3/join/{quote(room)}",
+            token,
+            {},
+            params={"server_name": creator.server_name},
+        )
+        assert response.status_code == 200, response.text
+    return room
+
+
+def send_text(homeserver: Homeserver, token: str, room: str, text: str) -> str:
+    """Say `text` in `room`; the event id."""
+    response = homeserver.client(
+        "PUT",
+        f"/_matrix/client/v3/rooms/{quote(room)}/send/m.room.message/{time.time_ns()}",
+        token,
+        json={"msgtype": "m.text", "body": text},
+    )
+    assert response.status_code == 200, response.text
+    event_id: str = response.json()["event_id"]
+    return event_id
 
 
 def run_sql(homeserver: Homeserver, statement: str, params: tuple = ()) -> list:

@@ -28,7 +28,12 @@ import pytest
 from synapse_relay.loopback import Homeserver, PostgresCluster, wait_until
 from synapse_relay.protocol import relay_txn_path, send_relay_path
 from tests.harness.fedclient import FakeServer, FakeServerFactory
-from tests.harness.homeserver import HomeserverFactory
+from tests.harness.homeserver import (
+    HomeserverFactory,
+    send_text,
+    shared_room,
+    start_all,
+)
 from tests.harness.postgres import Backend
 
 pytestmark = pytest.mark.integration
@@ -54,16 +59,7 @@ class Net:
 
     def send(self, text: str) -> str:
         """alice says `text`; the event id."""
-        response = self.a.client(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{quote(self.room)}/send/m.room.message/"
-            f"{time.time_ns()}",
-            self.tokens["alice"],
-            json={"msgtype": "m.text", "body": text},
-        )
-        assert response.status_code == 200, response.text
-        event_id: str = response.json()["event_id"]
-        return event_id
+        return send_text(self.a, self.tokens["alice"], self.room, text)
 
     def queued_for_b(self) -> int:
         response = self.r.client(
@@ -177,30 +173,13 @@ def net(
                 COMMON_CONFIG,
                 start=False,
             )
-            with ThreadPoolExecutor(3) as pool:
-                for future in [pool.submit(hs.start) for hs in (a, r, b)]:
-                    future.result()
+            start_all([a, r, b])
             tokens = {
                 "alice": a.register_user("alice", admin=True),
                 "bob": b.register_user("bob"),
                 "r-admin": r.register_user("admin", admin=True),
             }
-            response = a.client(
-                "POST",
-                "/_matrix/client/v3/createRoom",
-                tokens["alice"],
-                {"preset": "public_chat"},
-            )
-            assert response.status_code == 200, response.text
-            room = response.json()["room_id"]
-            response = b.client(
-                "POST",
-                f"/_matrix/client/v3/join/{quote(room)}",
-                tokens["bob"],
-                {},
-                params={"server_name": a.server_name},
-            )
-            assert response.status_code == 200, response.text
+            room = shared_room(a, tokens["alice"], [(b, tokens["bob"])])
             yield Net(a, r, b, r_db, b_db, room, tokens)
         finally:
             factory.stop_all()

@@ -37,7 +37,14 @@ from synapse_relay.protocol import (
 )
 from synapse_relay.sender import MAPPING_CACHE_MS
 from tests.harness.fedclient import FakeServer, FakeServerFactory
-from tests.harness.homeserver import HomeserverFactory, WorkerHomeserver
+from tests.harness.homeserver import (
+    HomeserverFactory,
+    WorkerHomeserver,
+    log_problems,
+    send_text,
+    shared_room,
+    start_all,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.workers]
 
@@ -76,16 +83,7 @@ class Deployment:
 
     def send(self, text: str) -> str:
         """alice@w says `text` in the room; the event id."""
-        response = self.w.client(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{quote(self.room)}/send/m.room.message/"
-            f"{time.time_ns()}",
-            self.tokens["alice"],
-            json={"msgtype": "m.text", "body": text},
-        )
-        assert response.status_code == 200, response.text
-        event_id: str = response.json()["event_id"]
-        return event_id
+        return send_text(self.w, self.tokens["alice"], self.room, text)
 
     def bob_has(self, event_id: str) -> bool:
         path = f"/_matrix/client/v3/rooms/{quote(self.room)}/event/{quote(event_id)}"
@@ -101,9 +99,7 @@ def net(postgres_factory: HomeserverFactory) -> Iterator[Deployment]:
         COMMON_CONFIG,
         start=False,
     )
-    with ThreadPoolExecutor(3) as pool:
-        for future in [pool.submit(hs.start) for hs in (w, p, b)]:
-            future.result()
+    start_all([w, p, b])
     tokens = {
         "admin": w.register_user("admin", admin=True),
         "alice": w.register_user("alice"),
@@ -120,22 +116,7 @@ def net(postgres_factory: HomeserverFactory) -> Iterator[Deployment]:
     )
     assert response.status_code == 200, response.text
     relays_set_at = time.monotonic()
-    response = w.client(
-        "POST",
-        "/_matrix/client/v3/createRoom",
-        tokens["alice"],
-        {"preset": "public_chat"},
-    )
-    assert response.status_code == 200, response.text
-    room = response.json()["room_id"]
-    response = b.client(
-        "POST",
-        f"/_matrix/client/v3/join/{quote(room)}",
-        tokens["bob"],
-        {},
-        params={"server_name": w.server_name},
-    )
-    assert response.status_code == 200, response.text
+    room = shared_room(w, tokens["alice"], [(b, tokens["bob"])])
     yield Deployment(w, p, b, room, tokens, relays_set_at)
 
 
@@ -299,9 +280,5 @@ def test_federation_workers_advertise_our_relays(
 def test_no_process_logged_an_error(net: Deployment) -> None:
     """Nothing above went wrong in any process of w (runs last)."""
     for process in net.w.processes:
-        errors = [
-            line
-            for line in process.log_path.read_text(errors="replace").splitlines()
-            if " - ERROR - " in line or " - CRITICAL - " in line
-        ]
-        assert not errors, f"{process}:\n" + "\n".join(errors[:5])
+        problems = log_problems(process)
+        assert not problems, f"{process}:\n" + "\n".join(problems[:5])
