@@ -492,3 +492,16 @@ def test_registrations(txn: Txn) -> None:
     assert store._registered_txn(txn, None, 60) == {"b": 200}
     assert store._registered_txn(txn, "c", 0) == {"c": 50}
     assert store._registered_txn(txn, "c", 60) == {}
+
+
+def test_a_batch_for_many_destinations_locks_them_all(txn: Txn) -> None:
+    destinations = [f"d{i:03d}" for i in range(store.LOCK_CHUNK * 2 + 5)]
+    quota = Quota(max_transactions=1, max_bytes=1000)
+    outcomes = store._deposit_batch_txn(
+        txn,
+        [(NewEntry("a", "t", d, "{}", 5), quota) for d in destinations]
+        + [(NewEntry("a", "u", destinations[-1], "{}", 5), quota)],
+    )
+    assert all(isinstance(o, Deposit) for o in outcomes[:-1])
+    assert isinstance(outcomes[-1], QuotaExceeded)  # its destination's quota
+    assert store._queues_txn(txn) == [Queue(d, 1, 2, 5, 0) for d in destinations]
