@@ -99,7 +99,12 @@ def measure(ctx: Context, backend: str) -> dict[str, Any]:
 
         # relay -> [entries fetched, seconds, relay CPU seconds]
         collected: dict[str, list[float]] = {name: [0, 0.0, 0.0] for name in RELAYS}
-        count = max(1, options.collect_entries // rounds)
+        # No more than the deposits put in the mailbox (fewer on a loaded machine).
+        deposited = min(
+            sum(p.requests - sum(p.errors.values()) for p in deposits[n])
+            for n in RELAYS
+        )
+        count = max(1, min(options.collect_entries, deposited) // rounds)
         for turn in range(1, rounds + 1):
             for name in RELAYS:
                 ctx.log(
