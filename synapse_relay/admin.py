@@ -149,9 +149,10 @@ class RelaysEndpoint:
         self, request: SynapseRequest, destination: str
     ) -> tuple[int, JsonDict]:
         check_destination(destination, self._server_name)
-        relays = parse_relays(
-            read_json_object(request) or {}, destination, self._server_name
-        )
+        body = read_json_object(request)
+        if body is None:
+            raise SynapseError(400, "A JSON body is required", Codes.NOT_JSON)
+        relays = parse_relays(body, destination, self._server_name)
         await self._store.set_send_relays(destination, relays)
         self._changed(destination)
         return 200, describe(await self._directory.resolve(destination, fresh=True))
