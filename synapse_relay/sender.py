@@ -356,9 +356,13 @@ class RelayDirectory:
         self._admin: Mapping[str, tuple[str, ...]] | None = None
         self._discovered: Mapping[str, Discovered] = {}
         self._loaded_ms: int | None = None
+        # Bumped by each invalidation: a read that began before one is stale and
+        # must not be cached (it may predate the change that invalidated).
+        self._generation = 0
 
     def invalidate(self) -> None:
         self._loaded_ms = None
+        self._generation += 1
 
     async def relays_for(self, destination: str) -> tuple[str, ...]:
         return (await self.resolve(destination)).relays
@@ -404,14 +408,12 @@ class RelayDirectory:
         self,
     ) -> tuple[Mapping[str, tuple[str, ...]], Mapping[str, Discovered]]:
         now = self._clock_ms()
-        if (
-            self._admin is not None
-            and self._loaded_ms is not None
-            and now - self._loaded_ms < MAPPING_CACHE_MS
-        ):
-            return self._admin, self._discovered
-        if self._admin is not None:
-            # Callers meanwhile keep using the mappings loaded before.
+        generation = self._generation
+        if self._admin is not None and self._loaded_ms is not None:
+            if now - self._loaded_ms < MAPPING_CACHE_MS:
+                return self._admin, self._discovered
+            # Expired (not invalidated): callers meanwhile keep using the
+            # mappings loaded before.
             self._loaded_ms = now
         try:
             admin = await self._store.send_relays()
@@ -424,7 +426,8 @@ class RelayDirectory:
                 "the ones read before" if self._admin is not None else "the config",
             )
             return (self._admin or {}), self._discovered
-        self._admin, self._discovered, self._loaded_ms = admin, discovered, now
+        if generation == self._generation:
+            self._admin, self._discovered, self._loaded_ms = admin, discovered, now
         return admin, discovered
 
 
