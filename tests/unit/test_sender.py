@@ -349,6 +349,24 @@ def test_directory_uses_discovered_relays_last() -> None:
     assert [f.destination for f in listed] == [B, "c.example", "d.example", "e.example"]
 
 
+def test_a_read_begun_before_an_invalidation_is_not_cached() -> None:
+    net = Net(relays={})
+    net.store.discovered_relays = {B: discovered(B, R1)}
+    assert run(net.directory.relays_for(B)) == (R1,)
+    net.api.now += s.MAPPING_CACHE_MS  # the cache expired: the next call reloads
+    pending: defer.Deferred[dict[str, Discovered]] = defer.Deferred()
+    old = dict(net.store.discovered_relays)
+    net.store.discovered = lambda: pending
+    in_flight = defer.ensureDeferred(net.directory.relays_for(B))
+    # meanwhile discovery stores b's new relays and invalidates the directory
+    del net.store.discovered
+    net.store.discovered_relays = {B: discovered(B, R2)}
+    net.directory.invalidate()
+    pending.callback(old)
+    assert in_flight.result == (R1,)
+    assert run(net.directory.relays_for(B)) == (R2,)
+
+
 def test_discovered_relays_are_not_used_when_discovery_is_off() -> None:
     config = SendConfig(discover=False)
     found = s.choose_relays(B, config, None, discovered(B, R1), 0, US)
