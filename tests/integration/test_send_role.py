@@ -308,10 +308,11 @@ def test_messages_to_a_down_destination_are_deposited_within_2s(net: Net) -> Non
         net.send_and_time_deposit(f"while b is down {i}", net.r) for i in range(4)
     ]
     assert max(latencies) < DEPOSIT_WITHIN_S, latencies
+    wait_until(lambda: net.state_of(net.b) == "down", 10, message="b down")
     status = net.status()
-    assert net.state_of(net.b) == "down"
-    # the first message found b down after the configured 3 attempts
-    assert status["direct_failures"] - before["direct_failures"] == 3
+    # the first message found b down after the configured 3 attempts (a second
+    # one sent while those were still going on is also tried directly, once)
+    assert 3 <= status["direct_failures"] - before["direct_failures"] <= 4
     accepted = status["relays"][net.r.server_name]["deposits_accepted"]
     assert accepted - before["relays"].get(net.r.server_name, {}).get(
         "deposits_accepted", 0
