@@ -143,8 +143,8 @@ def _delivery_rows(result: dict[str, Any]) -> list[Row]:
             f"direct {direct['seconds']:.1f} s"
             f" ({1000 * direct['seconds'] / count:.1f} ms/txn)",
             result["ratio"],
-            "<= 1.1",
-            result["ratio"] > 1.1,
+            "<= 1.0",
+            result["ratio"] > 1.0,
         ),
         Row(
             "3+",
