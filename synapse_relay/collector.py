@@ -36,7 +36,7 @@ a reason other than Synapse's verdict on it) stops the collection from that rela
 without acknowledging the transaction, to be retried on the next round (what was
 processed before it is acknowledged then). A transaction we
 refuse or that Synapse rejects for good is acknowledged (it would fail forever),
-with a warning. See README.rst, "Receive role", for the reasons behind each rule.
+with a warning. See docs/receive-role.rst for the reasons behind each rule.
 
 Only one collection runs at a time in a process (a trigger during a collection
 joins it), and only the instance that runs background tasks collects.
