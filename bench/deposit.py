@@ -5,10 +5,12 @@ four origins, `concurrency` requests in flight, against R's cheapest authenticat
 federation request measured on the same R in the same run: a signed
 `GET /_matrix/federation/v1/publicRooms`, which Synapse refuses (403,
 `allow_public_rooms_over_federation` is off by default) right after checking the
-X-Matrix signature and the federation rate limiter, touching no database. A third
-load, the owner collecting its empty mailbox (signed GET, one indexed SELECT), is
-reported for context: it separates the cost of a database round trip from that of
-the deposit itself.
+X-Matrix signature and the federation rate limiter, touching no database. Three
+more loads are reported for context: the same refusal for a signed `POST
+publicRooms` carrying a deposit's body (Synapse parses it and its signature covers
+it: what a 2 KB body costs before anything is stored), the owner collecting its
+empty mailbox (signed GET, one indexed SELECT: the cost of a database round trip),
+and deposits spread over many destinations.
 """
 
 import itertools
@@ -120,6 +122,15 @@ class Load:
 
         return get, session.close
 
+    def public_rooms_body_worker(self, thread: int) -> tuple[Worker, Closer]:
+        origin, session = self._session(thread)
+
+        def post(number: int) -> int:
+            body = self.body(number, origin.server_name)
+            return session.request("POST", PUBLIC_ROOMS, body).status_code
+
+        return post, session.close
+
     def empty_collect_worker(self, thread: int) -> tuple[Worker, Closer]:
         origin, session = self._session(thread)
         path = relay_txn_path(origin.server_name)
@@ -134,6 +145,7 @@ class Load:
             "deposit": (self.deposit_worker, 200),
             "deposit_spread": (self.spread_deposit_worker, 200),
             "public_rooms": (self.public_rooms_worker, 403),
+            "public_rooms_body": (self.public_rooms_body_worker, 403),
             "empty_collect": (self.empty_collect_worker, 200),
         }
         make_worker, status = makers[kind]
@@ -180,7 +192,13 @@ def measure(ctx: Context, backend: str) -> dict[str, Any]:
             "transaction_bytes": json_size(load.body(0, origins[0].server_name)),
             "rounds": options.rounds,
         }
-        kinds = ("public_rooms", "deposit", "deposit_spread", "empty_collect")
+        kinds = (
+            "public_rooms",
+            "deposit",
+            "public_rooms_body",
+            "deposit_spread",
+            "empty_collect",
+        )
         parts: dict[str, list[LoadResult]] = {kind: [] for kind in kinds}
         each = options.duration / options.rounds
         for turn in range(options.rounds):
@@ -195,7 +213,7 @@ def measure(ctx: Context, backend: str) -> dict[str, Any]:
         for kind in kinds:
             results[kind] = LoadResult.merge(parts[kind]).to_json()
         baseline = results["public_rooms"]["per_second"]
-        for kind in ("deposit", "deposit_spread", "empty_collect"):
+        for kind in kinds[1:]:
             results[kind]["ratio"] = (
                 results[kind]["per_second"] / baseline if baseline else None
             )

@@ -102,6 +102,33 @@ def _deposit_rows(results: dict[str, Any]) -> list[Row]:
                 (deposit["ratio"] or 0) < 0.8,
             )
         )
+        body = result.get("public_rooms_body")
+        if body is not None:
+            rows.append(
+                Row(
+                    "2+",
+                    "(context) the baseline's request carrying a deposit's body"
+                    f" (signed POST publicRooms, refused after authentication),"
+                    f" {backend}",
+                    _rate(body, " req/s"),
+                    "same baseline",
+                    body["ratio"],
+                    "",
+                    False,
+                )
+            )
+            rows.append(
+                Row(
+                    "2+",
+                    f"(context) what storing adds to receiving the body: deposits"
+                    f" against that POST, {backend}",
+                    f"{deposit['per_second']:.0f} deposits/s",
+                    f"{body['per_second']:.0f} req/s",
+                    deposit["per_second"] / body["per_second"],
+                    "",
+                    False,
+                )
+            )
         collect = result["empty_collect"]
         rows.append(
             Row(

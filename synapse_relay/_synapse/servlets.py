@@ -25,7 +25,7 @@ from synapse.federation.transport.server._base import (
 from synapse.http.server import HttpServer
 from synapse.module_api import JsonDict, SynapseRequest
 
-from synapse_relay._synapse import read_json_object
+from synapse_relay._synapse import canonical_json_refusal, read_json_object
 
 SERVLET_GROUP = "synapse_relay"
 
@@ -94,8 +94,14 @@ class _EndpointServlet(BaseFederationServlet):
         async def serve(
             request: SynapseRequest, **path_args: str
         ) -> tuple[int, JsonDict]:
-            content = read_json_object(request)
-            origin, content = await self._authenticate(request, content)
+            # Checking the X-Matrix signature encodes the body canonically.
+            content = read_json_object(request, encoded_later=True)
+            try:
+                origin, content = await self._authenticate(request, content)
+            except (ValueError, RecursionError) as e:
+                # keyring.py, `process_json`: `verify_signed_json` lets the
+                # encoding's error through (only bad signatures become 401s).
+                raise canonical_json_refusal(e) from e
             with self.ratelimiter.ratelimit(origin) as wait:
                 await wait
                 return await handler(origin, content, request.args, **path_args)
