@@ -1,4 +1,4 @@
-"""`python -m bench`: see bench/runner.py and README.rst, "Benchmarks"."""
+"""`python -m bench`: see bench/runner.py and docs/benchmarks.rst."""
 
 from bench.runner import main
 
