@@ -31,7 +31,8 @@ Schema version 3 adds `synapse_relay_entries.origin_auth`: the origin proof of t
 entry (DESIGN.md section 2b, JSON `{"key": "ed25519:...", "sig": "..."}`), NULL for
 an unproven entry. `txn_json` is always the transaction's six fields alone.
 
-The key mailbox of the relay role keeps two tables (schema version 4, keys.py):
+The key mailbox of the relay role (keys/mailbox.py) keeps two tables (schema
+version 4):
 
 - `synapse_relay_key_snapshots`: per (server, user) the newest owner-signed
   snapshot of the user's devices and keys (`ts` is the snapshot's own);

@@ -1,4 +1,4 @@
-"""Synapse's end-to-end keys, for the key mailbox (keys.py).
+"""Synapse's end-to-end keys, for the key mailbox (`synapse_relay.keys`).
 
 Three directions, each touching different Synapse code:
 

@@ -31,7 +31,7 @@ from signedjson.key import (
 from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
-from synapse_relay.keys import CLAIMS_PER_MINUTE, MAX_DEVICES_PER_CLAIM
+from synapse_relay.keys.snapshot import CLAIMS_PER_MINUTE, MAX_DEVICES_PER_CLAIM
 from synapse_relay.loopback import HTTP_TIMEOUT, wait_until
 from synapse_relay.loopback_workers import WorkerSpec
 from synapse_relay.protocol import KEY_SNAPSHOTS, KEYS_PREFIX, keys_path

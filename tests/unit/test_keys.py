@@ -11,7 +11,7 @@ from signedjson.key import (
 from signedjson.sign import sign_json
 from synapse.module_api.errors import SynapseError
 
-from synapse_relay.keys import (
+from synapse_relay.keys.snapshot import (
     MAX_DEVICES_PER_CLAIM,
     answer_query,
     parse_claim,
