@@ -1,4 +1,4 @@
-"""The queue's SQL, run through Synapse's `LoggingTransaction` on a real SQLite
+"""The store's SQL, run through Synapse's `LoggingTransaction` on a real SQLite
 database and on the test PostgreSQL server, at the isolation the store uses."""
 
 import sqlite3
@@ -12,7 +12,7 @@ import pytest
 from synapse.storage.database import LoggingTransaction
 from synapse.storage.engines import BaseDatabaseEngine, create_engine
 
-from synapse_relay import compression, store
+from synapse_relay import compression
 from synapse_relay._synapse import is_postgres
 from synapse_relay._synapse.database import READ_COMMITTED
 from synapse_relay.store import (
@@ -23,6 +23,9 @@ from synapse_relay.store import (
     Queue,
     Quota,
     QuotaExceeded,
+    entries,
+    relays,
+    schema,
 )
 from tests.harness.postgres import Backend, PostgresCluster
 
@@ -97,7 +100,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Database
 def txn(database: Database) -> LoggingTransaction:
     """One long transaction on a schema at the current version."""
     txn = database.txn(database.connection())
-    store._create_or_migrate_schema_txn(txn)
+    schema._create_or_migrate_schema_txn(txn)
     return txn
 
 
@@ -115,7 +118,7 @@ def deposit(
     max_bytes: int = 1000,
     origin_auth: str | None = None,
 ) -> Deposit:
-    (outcome,) = store._deposit_batch_txn(
+    (outcome,) = entries._deposit_batch_txn(
         txn,
         [
             (
@@ -130,19 +133,19 @@ def deposit(
 
 
 def collect(txn: Txn, destination: str = "b", ack: int = 0) -> Collected:
-    return store._acknowledge_and_get_oldest_txn(txn, destination, ack)
+    return entries._acknowledge_and_get_oldest_txn(txn, destination, ack)
 
 
 def test_schema_is_versioned_and_idempotent(txn: Txn) -> None:
-    store._create_or_migrate_schema_txn(txn)
+    schema._create_or_migrate_schema_txn(txn)
     txn.execute("SELECT version FROM synapse_relay_schema_version")
-    assert txn.fetchall() == [(store.SCHEMA_VERSION,)]
+    assert txn.fetchall() == [(schema.SCHEMA_VERSION,)]
 
 
 def test_newer_schema_is_refused(txn: Txn) -> None:
     txn.execute("UPDATE synapse_relay_schema_version SET version = 99")
-    with pytest.raises(store.SchemaTooNew):
-        store._create_or_migrate_schema_txn(txn)
+    with pytest.raises(schema.SchemaTooNew):
+        schema._create_or_migrate_schema_txn(txn)
 
 
 def test_deposit_is_idempotent_per_origin_txn_destination(txn: Txn) -> None:
@@ -152,7 +155,7 @@ def test_deposit_is_idempotent_per_origin_txn_destination(txn: Txn) -> None:
     assert not deposit(txn, origin="c").duplicate
     assert not deposit(txn, destination="c").duplicate
     assert not deposit(txn, txn_id="t2").duplicate
-    assert store._queues_txn(txn) == [
+    assert entries._queues_txn(txn) == [
         Queue("b", 3, 6, 1000, 0),
         Queue("c", 1, 2, 1000, 0),
     ]
@@ -170,7 +173,7 @@ def test_fifo_and_ack_deletes_exactly_that_entry(txn: Txn) -> None:
     assert collect(txn, ack=ids[0]) == Collected(True, Entry(ids[2], '"2"'))
     assert collect(txn, ack=ids[0]) == Collected(False, Entry(ids[2], '"2"'))
     assert collect(txn, ack=ids[2]) == Collected(True, None)
-    assert store._queues_txn(txn) == [Queue("c", 1, 2, 1000, 0)]
+    assert entries._queues_txn(txn) == [Queue("c", 1, 2, 1000, 0)]
 
 
 def test_entry_ids_are_never_reused(txn: Txn) -> None:
@@ -195,37 +198,37 @@ def test_quota_of_bytes(txn: Txn) -> None:
     with pytest.raises(QuotaExceeded, match="max_bytes_per_destination"):
         deposit(txn, txn_id="2", body="y" * 41, max_bytes=100)
     deposit(txn, txn_id="3", body="z" * 40, max_bytes=100)
-    assert store._queues_txn(txn) == [Queue("b", 2, 100, 1000, 0)]
+    assert entries._queues_txn(txn) == [Queue("b", 2, 100, 1000, 0)]
 
 
 def test_bytes_are_utf8_bytes(txn: Txn) -> None:
     deposit(txn, body='"é"')
-    assert store._queues_txn(txn)[0].bytes == 4
+    assert entries._queues_txn(txn)[0].bytes == 4
 
 
 def test_purge_removes_old_entries_and_updates_totals(txn: Txn) -> None:
     deposit(txn, txn_id="old", now=100)
     deposit(txn, txn_id="old", destination="c", now=150)
     kept = deposit(txn, txn_id="new", now=300).entry_id
-    assert store._purge_batch_txn(txn, 200, 10) == 2
-    assert store._queues_txn(txn) == [Queue("b", 1, 2, 300, 0)]
+    assert entries._purge_batch_txn(txn, 200, 10) == 2
+    assert entries._queues_txn(txn) == [Queue("b", 1, 2, 300, 0)]
     assert collect(txn).entry == Entry(kept, "{}")
 
 
 def test_purge_works_in_batches(txn: Txn) -> None:
     for i in range(5):
         deposit(txn, txn_id=str(i), now=i)
-    assert store._purge_batch_txn(txn, 100, 2) == 2
-    assert store._purge_batch_txn(txn, 100, 2) == 2
-    assert store._purge_batch_txn(txn, 100, 2) == 1
-    assert store._queues_txn(txn) == []
+    assert entries._purge_batch_txn(txn, 100, 2) == 2
+    assert entries._purge_batch_txn(txn, 100, 2) == 2
+    assert entries._purge_batch_txn(txn, 100, 2) == 1
+    assert entries._queues_txn(txn) == []
 
 
 def test_origin_proof_is_kept_beside_the_entry_and_counted(txn: Txn) -> None:
     proof = '{"key":"ed25519:k","sig":"s"}'
     proven = deposit(txn, txn_id="p", origin_auth=proof).entry_id
     unproven = deposit(txn, txn_id="u").entry_id
-    assert store._queues_txn(txn) == [Queue("b", 2, 4, 1000, 1)]
+    assert entries._queues_txn(txn) == [Queue("b", 2, 4, 1000, 1)]
     assert collect(txn) == Collected(False, Entry(proven, "{}", proof))
     assert collect(txn, ack=proven) == Collected(True, Entry(unproven, "{}", None))
 
@@ -236,7 +239,7 @@ def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
         txn.execute(f"ALTER TABLE synapse_relay_entries DROP COLUMN {column}")
     txn.execute("DROP TABLE synapse_relay_key_snapshots")
     txn.execute("DROP TABLE synapse_relay_key_stock")
-    for table in store._schema_discovery(False):  # (version 6 is newer too)
+    for table in schema._schema_discovery(False):  # (version 6 is newer too)
         txn.execute(f"DROP TABLE {table.split()[2]}")
     txn.execute("UPDATE synapse_relay_schema_version SET version = 2")
     txn.execute(
@@ -244,7 +247,7 @@ def test_version_2_tables_gain_the_proof_column(txn: Txn) -> None:
         " (destination, origin, txn_id, received_ts, size, txn_json)"
         " VALUES ('b', 'a', 't', 1000, 2, '{}')"
     )
-    store._create_or_migrate_schema_txn(txn)
+    schema._create_or_migrate_schema_txn(txn)
     assert collect(txn).entry == Entry(1, "{}", None)
 
 
@@ -259,19 +262,19 @@ def test_pusher_reads_proven_entries_in_order_past_unproven_ones(txn: Txn) -> No
     deposit(txn, txn_id="u2", destination="c")
     second = deposit_proven(txn, "p2")
     deposit_proven(txn, "p3", destination="d")
-    assert store._destinations_with_proven_entries_txn(txn) == ["b", "d"]
-    oldest = store._oldest_entry_txn(txn, "b", store._PROVEN)
+    assert entries._destinations_with_proven_entries_txn(txn) == ["b", "d"]
+    oldest = entries._oldest_entry_txn(txn, "b", schema.PROVEN)
     assert oldest is not None and oldest.entry_id == first
     # a pushed entry is deleted as an acknowledgement deletes it: totals follow
-    assert store._acknowledge_txn(txn, "b", first)
-    assert not store._acknowledge_txn(txn, "b", first)
-    assert not store._acknowledge_txn(txn, "c", second)  # not c's
-    oldest = store._oldest_entry_txn(txn, "b", store._PROVEN)
+    assert entries._acknowledge_txn(txn, "b", first)
+    assert not entries._acknowledge_txn(txn, "b", first)
+    assert not entries._acknowledge_txn(txn, "c", second)  # not c's
+    oldest = entries._oldest_entry_txn(txn, "b", schema.PROVEN)
     assert oldest is not None and oldest.entry_id == second
-    assert store._acknowledge_txn(txn, "b", second)
-    assert store._oldest_entry_txn(txn, "b", store._PROVEN) is None
-    assert store._destinations_with_proven_entries_txn(txn) == ["d"]
-    assert store._queues_txn(txn)[0] == Queue("b", 1, 2, 1000, 0)
+    assert entries._acknowledge_txn(txn, "b", second)
+    assert entries._oldest_entry_txn(txn, "b", schema.PROVEN) is None
+    assert entries._destinations_with_proven_entries_txn(txn) == ["d"]
+    assert entries._queues_txn(txn)[0] == Queue("b", 1, 2, 1000, 0)
 
 
 def test_proven_entries_are_read_through_their_index(txn: Txn) -> None:
@@ -279,7 +282,7 @@ def test_proven_entries_are_read_through_their_index(txn: Txn) -> None:
         pytest.skip("SQLite's query plan")
     txn.execute(
         "EXPLAIN QUERY PLAN SELECT entry_id FROM synapse_relay_entries"
-        f" WHERE destination = 'b' {store._PROVEN} ORDER BY entry_id LIMIT 1"
+        f" WHERE destination = 'b' {schema.PROVEN} ORDER BY entry_id LIMIT 1"
     )
     assert "synapse_relay_entries_proven" in str(txn.fetchall())
 
@@ -290,7 +293,7 @@ def test_proven_entries_are_read_through_their_index(txn: Txn) -> None:
 def test_a_batch_answers_each_deposit_on_its_own(txn: Txn) -> None:
     quota = Quota(max_transactions=2, max_bytes=1000)
     big = Quota(max_transactions=10, max_bytes=5)
-    outcomes = store._deposit_batch_txn(
+    outcomes = entries._deposit_batch_txn(
         txn,
         [
             (NewEntry("a", "1", "b", '"1"', 10), quota),
@@ -313,7 +316,10 @@ def test_a_batch_answers_each_deposit_on_its_own(txn: Txn) -> None:
     assert isinstance(too_big, QuotaExceeded)
     assert "max_bytes_per_destination" in str(too_big)
     assert stored == Deposit(third.entry_id, True)
-    assert store._queues_txn(txn) == [Queue("b", 2, 6, 10, 0), Queue("c", 1, 3, 10, 0)]
+    assert entries._queues_txn(txn) == [
+        Queue("b", 2, 6, 10, 0),
+        Queue("c", 1, 3, 10, 0),
+    ]
     assert collect(txn).entry == Entry(first.entry_id, '"1"')
     assert collect(txn, ack=first.entry_id).entry == Entry(third.entry_id, '"3"')
 
@@ -353,7 +359,7 @@ def test_migration_from_version_2_keeps_old_rows_readable(database: Database) ->
 
     def schema_v2(txn: Txn) -> None:
         for version in (1, 2):
-            for statement in store._MIGRATIONS[version](postgres):
+            for statement in schema._MIGRATIONS[version](postgres):
                 txn.execute(statement)
         txn.execute(
             "CREATE TABLE synapse_relay_schema_version (version INTEGER NOT NULL)"
@@ -373,10 +379,10 @@ def test_migration_from_version_2_keeps_old_rows_readable(database: Database) ->
         )
 
     database.run(connection, schema_v2)
-    database.run(connection, store._create_or_migrate_schema_txn)
+    database.run(connection, schema._create_or_migrate_schema_txn)
     txn = database.txn(connection)
     txn.execute("SELECT version FROM synapse_relay_schema_version")
-    assert txn.fetchall() == [(store.SCHEMA_VERSION,)]
+    assert txn.fetchall() == [(schema.SCHEMA_VERSION,)]
     # the old row is a duplicate for its (origin, txn_id, destination), and comes
     # first; new rows are compressed
     assert deposit(txn, txn_id="old", max_bytes=10**6).duplicate
@@ -384,7 +390,7 @@ def test_migration_from_version_2_keeps_old_rows_readable(database: Database) ->
     old = collect(txn).entry
     assert old is not None and old.txn_json == UNICODE_JSON
     assert collect(txn, ack=old.entry_id).entry == Entry(new, '"new"')
-    assert store._queues_txn(txn) == [Queue("b", 1, 5, 1000, 0)]
+    assert entries._queues_txn(txn) == [Queue("b", 1, 5, 1000, 0)]
 
 
 # --- several processes: concurrent transactions on one destination ------------------
@@ -397,7 +403,7 @@ def test_concurrent_deposits_from_two_connections(database: Database) -> None:
     exact, FIFO."""
     if database.engine.__class__.__name__ != "PostgresEngine":
         pytest.skip("Synapse has one connection to an SQLite database")
-    database.run(database.connection(), store._create_or_migrate_schema_txn)
+    database.run(database.connection(), schema._create_or_migrate_schema_txn)
     errors: list[BaseException] = []
 
     def in_thread(func: Callable[..., None], *args: Any) -> threading.Thread:
@@ -417,7 +423,7 @@ def test_concurrent_deposits_from_two_connections(database: Database) -> None:
                 (NewEntry("a", txn_id, "b", f'"{txn_id}"', 1), quota)
                 for txn_id in txn_ids[start : start + 5]
             ]
-            out += database.run(connection, store._deposit_batch_txn, batch)
+            out += database.run(connection, entries._deposit_batch_txn, batch)
 
     def deposit_twice_at_once(txn_ids: list[str], quota: Quota) -> list[tuple]:
         one: list[Any] = []
@@ -450,12 +456,12 @@ def test_concurrent_deposits_from_two_connections(database: Database) -> None:
         deadline = time.monotonic() + 120
         while len(collected) < count and time.monotonic() < deadline:
             got = database.run(
-                connection, store._acknowledge_and_get_oldest_txn, "b", entry_id
+                connection, entries._acknowledge_and_get_oldest_txn, "b", entry_id
             )
             entry_id = got.entry.entry_id if got.entry else 0
             if got.entry:
                 collected.append(got.entry.txn_json.strip('"'))
-        database.run(connection, store._acknowledge_and_get_oldest_txn, "b", entry_id)
+        database.run(connection, entries._acknowledge_and_get_oldest_txn, "b", entry_id)
 
     more = [f"t{i:04d}" for i in range(200, 300)]
     collecting = in_thread(collector, 250)
@@ -463,45 +469,45 @@ def test_concurrent_deposits_from_two_connections(database: Database) -> None:
     collecting.join(timeout=120)
     assert errors == []
     assert collected == txn_ids[:150] + more
-    assert store._queues_txn(database.txn(database.connection())) == []
+    assert entries._queues_txn(database.txn(database.connection())) == []
 
 
 def test_the_newest_advertisement_is_kept(txn: Txn) -> None:
-    def keep(ts: int, relays: tuple[str, ...], fetched: int) -> bool:
-        return store._keep_advertisement_txn(
-            txn, store.Advertisement("b", relays, ts, ts + 100), "{}", fetched
+    def keep(ts: int, servers: tuple[str, ...], fetched: int) -> bool:
+        return relays._keep_advertisement_txn(
+            txn, relays.Advertisement("b", servers, ts, ts + 100), "{}", fetched
         )
 
     assert keep(10, ("r",), 11)
     assert keep(10, ("r",), 12)  # the same one again: fetched_ts moves
     assert not keep(9, ("old",), 13)
-    assert store._discovered_txn(txn, "b") == {
-        "b": store.Discovered(store.Advertisement("b", ("r",), 10, 110), 12)
+    assert relays._discovered_txn(txn, "b") == {
+        "b": relays.Discovered(relays.Advertisement("b", ("r",), 10, 110), 12)
     }
     assert keep(20, (), 21)
-    assert store._discovered_txn(txn, None)["b"].advertisement.relays == ()
-    assert store._forget_discovered_txn(txn, "b")
-    assert not store._forget_discovered_txn(txn, "b")
-    assert store._discovered_txn(txn, None) == {}
+    assert relays._discovered_txn(txn, None)["b"].advertisement.relays == ()
+    assert relays._forget_discovered_txn(txn, "b")
+    assert not relays._forget_discovered_txn(txn, "b")
+    assert relays._discovered_txn(txn, None) == {}
 
 
 def test_registrations(txn: Txn) -> None:
-    store._register_txn(txn, "b", 100)
-    store._register_txn(txn, "c", 50)
-    store._register_txn(txn, "b", 200)
-    assert store._registered_txn(txn, None, 60) == {"b": 200}
-    assert store._registered_txn(txn, "c", 0) == {"c": 50}
-    assert store._registered_txn(txn, "c", 60) == {}
+    relays._register_txn(txn, "b", 100)
+    relays._register_txn(txn, "c", 50)
+    relays._register_txn(txn, "b", 200)
+    assert relays._registered_txn(txn, None, 60) == {"b": 200}
+    assert relays._registered_txn(txn, "c", 0) == {"c": 50}
+    assert relays._registered_txn(txn, "c", 60) == {}
 
 
 def test_a_batch_for_many_destinations_locks_them_all(txn: Txn) -> None:
-    destinations = [f"d{i:03d}" for i in range(store.LOCK_CHUNK * 2 + 5)]
+    destinations = [f"d{i:03d}" for i in range(entries.LOCK_CHUNK * 2 + 5)]
     quota = Quota(max_transactions=1, max_bytes=1000)
-    outcomes = store._deposit_batch_txn(
+    outcomes = entries._deposit_batch_txn(
         txn,
         [(NewEntry("a", "t", d, "{}", 5), quota) for d in destinations]
         + [(NewEntry("a", "u", destinations[-1], "{}", 5), quota)],
     )
     assert all(isinstance(o, Deposit) for o in outcomes[:-1])
     assert isinstance(outcomes[-1], QuotaExceeded)  # its destination's quota
-    assert store._queues_txn(txn) == [Queue(d, 1, 2, 5, 0) for d in destinations]
+    assert entries._queues_txn(txn) == [Queue(d, 1, 2, 5, 0) for d in destinations]
