@@ -21,10 +21,11 @@ from synapse_relay.admin import (
 )
 from synapse_relay.collector import start_receive_role
 from synapse_relay.config import RelayModuleConfig, parse_config
+from synapse_relay.directory import RelayDirectory
 from synapse_relay.discovery import start_discovery
 from synapse_relay.keys import start_key_deposits, start_key_fallback, start_key_mailbox
 from synapse_relay.relay import start_relay_role
-from synapse_relay.sender import RelayDirectory, start_send_role
+from synapse_relay.sender import start_send_role
 from synapse_relay.store import RelayStore
 
 __all__ = ["RelayModule"]

@@ -24,9 +24,10 @@ from synapse.module_api.errors import Codes, SynapseError
 from synapse_relay._synapse import is_valid_server_name, read_json_object
 from synapse_relay.collector import Collector
 from synapse_relay.config import RelayConfig, SendConfig
+from synapse_relay.directory import RelayDirectory, RelaysOfDestination
 from synapse_relay.discovery import Discovery
 from synapse_relay.protocol import MAX_RELAYS
-from synapse_relay.sender import RelayDirectory, RelaysOfDestination, Sender
+from synapse_relay.sender import Sender
 from synapse_relay.stats import RoleStats
 from synapse_relay.store import RelayStore
 
@@ -119,7 +120,7 @@ class RelaysEndpoint:
     ...?discovered=true` instead forgets the destination's advertisement (it is
     fetched again after the next transaction the destination accepts). Each
     answers the destination's relays as they now are (`describe`). A change
-    counts at once on this process and within `sender.MAPPING_CACHE_MS` on the
+    counts at once on this process and within `directory.MAPPING_CACHE_MS` on the
     others.
     """
 

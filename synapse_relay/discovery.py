@@ -16,7 +16,7 @@
   (Synapse's keyring), and it is not older than the one held; otherwise it is
   refused with a warning and a counter, and the one held stays.
 
-Which relays a destination has is decided in one place, `sender.choose_relays`
+Which relays a destination has is decided in one place, `directory.choose_relays`
 (admin API > `send.relays` > discovered). See docs/discovery.rst.
 """
 

@@ -19,13 +19,13 @@ How a transaction to a destination with relays goes (`Sender.send`):
    restart, one that answers gets its traffic directly from the first transaction.
    When the attempts have had no answer for `DEPOSIT_AFTER_MS` (a destination that
    accepts TCP but never answers: a sleeping phone, a stale NAT mapping), the
-   transaction is deposited *as well*, while the attempts go on (`_Race`): the
-   first of the two to take it decides what Synapse is told. A slow but alive
-   destination still gets it directly, and the copy on the relays is a harmless
-   duplicate (events are deduplicated by id, proven transactions by the origin's
-   transaction id). While those attempts go on without an answer, later
-   transactions are deposited at once (and tried directly all the same). Only
-   failed attempts make the destination down.
+   transaction is deposited *as well*, while the attempts go on
+   (`early_deposit.py`): the first of the two to take it decides what Synapse is
+   told. A slow but alive destination still gets it directly, and the copy on the
+   relays is a harmless duplicate (events are deduplicated by id, proven
+   transactions by the origin's transaction id). While those attempts go on
+   without an answer, later transactions are deposited at once (and tried
+   directly all the same). Only failed attempts make the destination down.
 2. Destination down: straight to the relays, in parallel; the transaction counts as
    sent when the first relay answers 200, and the other deposits finish in the
    background. So a message sent while its destination is down is on a relay one
@@ -49,23 +49,22 @@ it up (it sent us a signed request, or any request to it succeeded).
 Synapse's backoff never keeps a transaction from a usable relay: the federation
 sender is let through for destinations that have a relay not in its own retry
 delay (`Sender.lets_through`). A relay that fails (no answer, or an error answer
-including 507 quota) is skipped for `relay_retry_delay_ms(failures)` (1 s doubling
-to 30 s); the others are not held up by it.
+including 507 quota) is skipped for `reach.relay_retry_delay_ms(failures)` (1 s
+doubling to 30 s); the others are not held up by it.
 
-Everything Synapse-internal is in `_synapse/outbound.py`; the decisions here are
-plain code with the clock passed in, unit-tested in tests/unit/test_sender.py.
+Which relays a destination has is `directory.py`'s; what is known of destinations
+and relays is kept in `reach.py`. Everything Synapse-internal is in
+`_synapse/outbound.py`; the decisions here are plain code with the clock passed in,
+unit-tested in tests/unit/test_sender.py.
 """
 
-import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
-import attr
 from synapse.module_api import JsonDict, ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
-from synapse_relay._synapse import fire_in_sentinel_context
 from synapse_relay._synapse.outbound import (
     BackedOff,
     DeliveryError,
@@ -80,10 +79,17 @@ from synapse_relay._synapse.outbound import (
     sends_federation,
 )
 from synapse_relay.config import SendConfig
+from synapse_relay.directory import (
+    RelayDirectory,
+    RelaysOfDestination,
+    Source,
+    usable_relays,
+)
+from synapse_relay.early_deposit import SENT_TO_RELAY, Race
 from synapse_relay.proof import OriginProof, signed_request, transaction_of
 from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
+from synapse_relay.reach import Destinations, Reach, RelayHealth
 from synapse_relay.stats import RoleStats
-from synapse_relay.store import Discovered, RelayStore
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +102,11 @@ DIRECT_TIMEOUT_MS = 10_000
 # most 2 s (the default 3 attempts add 0.3 s before the first deposit).
 RETRY_DELAY_BASE_MS = 100
 RETRY_DELAY_MAX_MS = 2_000
-# How long the direct attempts of a transaction may stay without any answer before
-# it is deposited on the relays as well (the attempts go on): bounds the first
-# message to a silent destination to about this plus one deposit, instead of
-# attempts_before_relay x DIRECT_TIMEOUT_MS. A live server answers a transaction
-# well within it (tens of ms), except under heavy load, when the copy on the relays
-# is a harmless duplicate.
-DEPOSIT_AFTER_MS = 1_000
 # How often a down destination is probed directly, and the probe's timeout.
 PROBE_INTERVAL_MS = 10_000
 PROBE_TIMEOUT_MS = 5_000
 # Timeout of one deposit on one relay (one database commit on the relay).
 DEPOSIT_TIMEOUT_MS = 10_000
-# After its n-th consecutive failure a relay is skipped for 1 s doubling, at most 30 s.
-RELAY_RETRY_BASE_MS = 1_000
-RELAY_RETRY_MAX_MS = 30_000
-# How long relays set through the admin API may be cached: a change made on another
-# worker is seen within this time (one on this process at once).
-MAPPING_CACHE_MS = 5_000
 
 
 TRANSACTION_COUNTERS = {
@@ -141,294 +134,6 @@ RELAY_COUNTERS = {
 def retry_delay_ms(failed_attempt: int) -> int:
     """The pause after direct attempt number `failed_attempt` (from 1) failed."""
     return min(RETRY_DELAY_BASE_MS << (failed_attempt - 1), RETRY_DELAY_MAX_MS)
-
-
-def relay_retry_delay_ms(failures: int) -> int:
-    """How long a relay is skipped after `failures` (>= 1) failures in a row."""
-    return min(RELAY_RETRY_BASE_MS << min(failures - 1, 16), RELAY_RETRY_MAX_MS)
-
-
-class Reach(enum.Enum):
-    UNKNOWN = "unknown"  # nothing learnt since this process started
-    UP = "up"
-    DOWN = "down"
-
-
-@attr.s(auto_attribs=True)
-class DestinationState:
-    reach: Reach = Reach.UNKNOWN
-    # when `reach` last changed, ms
-    since_ms: int = 0
-    # its answer to the last direct attempt was an error such as 400 or 403: Synapse
-    # then backs off from it as without this module
-    rejected: bool = False
-    probe_scheduled: bool = False
-    wake_scheduled: bool = False
-    # the direct attempts of a transaction have had no answer for longer than
-    # DEPOSIT_AFTER_MS, and have not ended yet: later transactions are deposited
-    # at once (and tried directly all the same)
-    silent: bool = False
-    direct_failures: int = 0
-    fallbacks: int = 0
-
-
-class Destinations:
-    """What the send role knows of each destination that has relays."""
-
-    def __init__(self) -> None:
-        self._states: dict[str, DestinationState] = {}
-
-    def get(self, destination: str) -> DestinationState:
-        state = self._states.get(destination)
-        if state is None:
-            state = self._states[destination] = DestinationState()
-        return state
-
-    def peek(self, destination: str) -> DestinationState | None:
-        return self._states.get(destination)
-
-    def is_down(self, destination: str) -> bool:
-        state = self._states.get(destination)
-        return state is not None and state.reach is Reach.DOWN
-
-    def mark_down(self, destination: str, now_ms: int) -> bool:
-        """Whether it was not already down."""
-        state = self.get(destination)
-        state.rejected = False
-        if state.reach is Reach.DOWN:
-            return False
-        state.reach, state.since_ms = Reach.DOWN, now_ms
-        return True
-
-    def mark_up(self, destination: str, now_ms: int) -> bool:
-        """Whether it was down."""
-        state = self.get(destination)
-        state.rejected = False
-        was_down = state.reach is Reach.DOWN
-        if state.reach is not Reach.UP:
-            state.reach, state.since_ms = Reach.UP, now_ms
-        return was_down
-
-    def mark_rejected(self, destination: str, now_ms: int) -> None:
-        self.mark_up(destination, now_ms)
-        self.get(destination).rejected = True
-
-    def forget(self, destination: str) -> None:
-        self._states.pop(destination, None)
-
-    def snapshot(self) -> dict[str, object]:
-        return {
-            destination: {
-                "state": state.reach.value,
-                "since_ts": state.since_ms or None,
-                "direct_failures": state.direct_failures,
-                "fallbacks": state.fallbacks,
-            }
-            for destination, state in sorted(self._states.items())
-        }
-
-
-@attr.s(auto_attribs=True)
-class _RelayState:
-    failures: int = 0
-    retry_at_ms: int = 0
-
-
-class RelayHealth:
-    """Each relay's own retry delay after failed deposits."""
-
-    def __init__(self) -> None:
-        self._relays: dict[str, _RelayState] = {}
-
-    def usable(self, relay: str, now_ms: int) -> bool:
-        state = self._relays.get(relay)
-        return state is None or state.retry_at_ms <= now_ms
-
-    def failed(self, relay: str, now_ms: int) -> int:
-        """Record a failure; how long the relay is now skipped for, ms."""
-        state = self._relays.setdefault(relay, _RelayState())
-        state.failures += 1
-        delay = relay_retry_delay_ms(state.failures)
-        state.retry_at_ms = now_ms + delay
-        return delay
-
-    def succeeded(self, relay: str) -> None:
-        self._relays.pop(relay, None)
-
-    def next_usable_ms(self, relays: Sequence[str], now_ms: int) -> int:
-        """When the first of `relays` may be tried again (`now_ms` if one may now)."""
-        return max(
-            now_ms,
-            min(
-                (self._relays[r].retry_at_ms if r in self._relays else now_ms)
-                for r in relays
-            ),
-        )
-
-
-def usable_relays(
-    destination: str, relays: Sequence[str], own_server_name: str
-) -> tuple[str, ...]:
-    """`relays` without duplicates, the destination itself or this server."""
-    result: list[str] = []
-    for relay in relays:
-        if relay not in (destination, own_server_name) and relay not in result:
-            result.append(relay)
-    return tuple(result)
-
-
-class Source(enum.Enum):
-    """Where the relays of a destination come from, in order of precedence."""
-
-    ADMIN = "admin"  # set through the admin API (database)
-    CONFIG = "config"  # send.relays
-    DISCOVERED = "discovered"  # the destination's advertisement (discovery.py)
-    NONE = "none"
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class RelaysOfDestination:
-    """What relays a destination has, and where that comes from."""
-
-    destination: str
-    # the relays used, without the destination itself or this server
-    relays: tuple[str, ...]
-    source: Source
-    config_relays: tuple[str, ...]
-    # the destination's advertisement held, whether it is used or not
-    discovered: Discovered | None
-
-
-def choose_relays(
-    destination: str,
-    config: SendConfig,
-    admin: tuple[str, ...] | None,
-    discovered: Discovered | None,
-    now_ms: int,
-    own_server_name: str,
-) -> RelaysOfDestination:
-    """The one rule: the admin API's relays of `destination`, else `send.relays`,
-    else (with `send.discover`) those of its advertisement while it is valid."""
-    config_relays = tuple(config.relays.get(destination, ()))
-    relays: Sequence[str]
-    if admin is not None:
-        relays, source = admin, Source.ADMIN
-    elif destination in config.relays:
-        relays, source = config_relays, Source.CONFIG
-    elif (
-        config.discover
-        and discovered is not None
-        and discovered.advertisement.valid_until_ts > now_ms
-    ):
-        relays, source = discovered.advertisement.relays, Source.DISCOVERED
-    else:
-        relays, source = (), Source.NONE
-    return RelaysOfDestination(
-        destination,
-        usable_relays(destination, relays, own_server_name),
-        source,
-        config_relays,
-        discovered,
-    )
-
-
-class RelayDirectory:
-    """The relays of each destination (`choose_relays`), from the admin API's and
-    the discovered ones in the database, and the configuration.
-
-    The database is read at most once per `MAPPING_CACHE_MS` (one query for all
-    destinations of each kind), so that a change made on any worker reaches the
-    federation sender within that time; `invalidate` makes a change made on this
-    process count at once, and `resolve(..., fresh=True)` reads the database now.
-    """
-
-    def __init__(
-        self,
-        config: SendConfig,
-        store: RelayStore,
-        clock_ms: Callable[[], int],
-        own_server_name: str,
-    ) -> None:
-        self._config = config
-        self._store = store
-        self._clock_ms = clock_ms
-        self._own_server_name = own_server_name
-        self._admin: Mapping[str, tuple[str, ...]] | None = None
-        self._discovered: Mapping[str, Discovered] = {}
-        self._loaded_ms: int | None = None
-        # Bumped by each invalidation: a read that began before one is stale and
-        # must not be cached (it may predate the change that invalidated).
-        self._generation = 0
-
-    def invalidate(self) -> None:
-        self._loaded_ms = None
-        self._generation += 1
-
-    async def relays_for(self, destination: str) -> tuple[str, ...]:
-        return (await self.resolve(destination)).relays
-
-    async def resolve(
-        self, destination: str, fresh: bool = False
-    ) -> RelaysOfDestination:
-        if fresh:
-            admin = await self._store.send_relays_for(destination)
-            discovered = await self._store.discovered_for(destination)
-        else:
-            admin_relays, discovered_relays = await self._mappings()
-            admin = admin_relays.get(destination)
-            discovered = discovered_relays.get(destination)
-        return choose_relays(
-            destination,
-            self._config,
-            admin,
-            discovered,
-            self._clock_ms(),
-            self._own_server_name,
-        )
-
-    async def everything(self) -> list[RelaysOfDestination]:
-        """Every destination that has relays from any source or an advertisement
-        held, read from the database now, sorted by destination."""
-        admin = await self._store.send_relays()
-        discovered = await self._store.discovered()
-        now = self._clock_ms()
-        return [
-            choose_relays(
-                destination,
-                self._config,
-                admin.get(destination),
-                discovered.get(destination),
-                now,
-                self._own_server_name,
-            )
-            for destination in sorted({*admin, *self._config.relays, *discovered})
-        ]
-
-    async def _mappings(
-        self,
-    ) -> tuple[Mapping[str, tuple[str, ...]], Mapping[str, Discovered]]:
-        now = self._clock_ms()
-        generation = self._generation
-        if self._admin is not None and self._loaded_ms is not None:
-            if now - self._loaded_ms < MAPPING_CACHE_MS:
-                return self._admin, self._discovered
-            # Expired (not invalidated): callers meanwhile keep using the
-            # mappings loaded before.
-            self._loaded_ms = now
-        try:
-            admin = await self._store.send_relays()
-            discovered = await self._store.discovered() if self._config.discover else {}
-        except Exception as e:
-            logger.warning(
-                "Could not read the relays set through the admin API or discovered"
-                " (%s): using %s",
-                e,
-                "the ones read before" if self._admin is not None else "the config",
-            )
-            return (self._admin or {}), self._discovered
-        if generation == self._generation:
-            self._admin, self._discovered, self._loaded_ms = admin, discovered, now
-        return admin, discovered
 
 
 class Federation(Protocol):
@@ -518,7 +223,7 @@ class Sender:
             if await self._deposit(txn, found):
                 return SENT_TO_RELAY
             raise await self._nobody_took_it(txn, relays, None)
-        decision = await _Race(
+        decision = await Race(
             self._api,
             self.stats,
             txn,
@@ -858,142 +563,6 @@ class Sender:
     def _wake(self, destination: str) -> None:
         self.destinations.get(destination).wake_scheduled = False
         self._federation.wake_destination(destination)
-
-
-# What TransactionManager takes as "the destination accepted it all".
-SENT_TO_RELAY: JsonDict = {"pdus": {}}
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class _Decision:
-    """How a transaction ended for Synapse: sent (`response`), an exception of
-    Synapse's to raise again (`error`), or taken by nobody (neither)."""
-
-    response: JsonDict | None = None
-    error: Exception | None = None
-    direct_failure: Unreachable | None = None
-
-
-class _Timer(Protocol):
-    """The IDelayedCall that `delayed_background_call` returns (a zope interface,
-    which mypy cannot check without a plugin)."""
-
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-class _Race:
-    """One transaction to a destination not known to be down: its direct attempts
-    and, when they failed or had no answer for `DEPOSIT_AFTER_MS`, its deposits,
-    in parallel. The first to take it decides; the other goes on in the
-    background (its outcome still updates what we know of the destination and
-    the relays). Duplicates are harmless: same transaction id, same events.
-
-    Each event (`_direct_ended`, `_deadline`, `_deposit_ended`) runs in its own
-    background process; the decision is fired in the sentinel logcontext.
-    """
-
-    def __init__(
-        self,
-        api: ModuleApi,
-        stats: RoleStats,
-        txn: OutgoingTransaction,
-        state: DestinationState,
-        *,
-        direct: Callable[[], Awaitable[JsonDict | Exception]],
-        deposit: Callable[[], Awaitable[bool]],
-    ) -> None:
-        self._api = api
-        self._stats = stats
-        self._txn = txn
-        self._state = state
-        self._direct_attempts = direct
-        self._deposit = deposit
-        self._decided: defer.Deferred[_Decision] = defer.Deferred()
-        # the direct attempts' outcome: an answer, an exception, or None (pending)
-        self._direct: JsonDict | Exception | None = None
-        # deposits: not started (None), under way, or ended (whether one accepted)
-        self._depositing = False
-        self._deposited: bool | None = None
-        self._timer: _Timer | None = None
-
-    async def run(self) -> _Decision:
-        self._api.run_as_background_process(
-            "synapse_relay_direct", self._direct_attempts
-        ).addBoth(self._direct_ended)
-        if not self._decided.called and not self._depositing:
-            if self._state.silent:
-                # An earlier transaction's attempts have had no answer for longer
-                # than the deadline: no need to wait for this one's.
-                self._deposit_early("its earlier transaction got no answer either")
-            else:
-                self._timer = cast(
-                    _Timer,
-                    self._api.delayed_background_call(
-                        DEPOSIT_AFTER_MS,
-                        self._deadline,
-                        desc="synapse_relay_deposit_after",
-                    ),
-                )
-        return await make_deferred_yieldable(self._decided)
-
-    def _decide(self, decision: _Decision) -> None:
-        if self._decided.called:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        fire_in_sentinel_context([self._decided], decision)
-
-    def _direct_ended(self, outcome: JsonDict | Exception | None) -> None:
-        if outcome is None:  # cannot happen: _direct_outcome never raises
-            outcome = RuntimeError("the direct attempts ended without an outcome")
-        self._direct = outcome
-        self._state.silent = False
-        if isinstance(outcome, dict):
-            self._decide(_Decision(response=outcome))
-        elif not isinstance(outcome, (Unreachable, BackedOff)):
-            # the destination spoke (400, 403...), or a whitelist denial
-            self._decide(_Decision(error=outcome))
-        elif not self._depositing:
-            self._start_deposits()
-        elif self._deposited is False:
-            self._decide(_Decision(direct_failure=self._direct_failure()))
-
-    def _deadline(self) -> None:
-        self._timer = None
-        if self._decided.called or self._depositing:
-            return
-        self._state.silent = True
-        self._deposit_early(f"no answer within {DEPOSIT_AFTER_MS} ms")
-
-    def _deposit_early(self, why: str) -> None:
-        self._stats.inc("early_deposits")
-        logger.info(
-            "Depositing transaction %s for %s on its relays while the direct"
-            " attempts go on: %s",
-            self._txn.transaction_id,
-            self._txn.destination,
-            why,
-        )
-        self._start_deposits()
-
-    def _start_deposits(self) -> None:
-        self._depositing = True
-        self._api.run_as_background_process(
-            "synapse_relay_deposits", self._deposit
-        ).addBoth(self._deposit_ended)
-
-    def _deposit_ended(self, accepted: bool | None) -> None:
-        self._deposited = bool(accepted)
-        if accepted:
-            self._decide(_Decision(response=SENT_TO_RELAY))
-        elif self._direct is not None:
-            # the direct attempts failed too
-            self._decide(_Decision(direct_failure=self._direct_failure()))
-
-    def _direct_failure(self) -> Unreachable | None:
-        return self._direct if isinstance(self._direct, Unreachable) else None
 
 
 def start_send_role(

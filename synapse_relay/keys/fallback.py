@@ -19,6 +19,7 @@ from synapse_relay._synapse.keys import (
     intercept_key_requests,
     query_destinations_with_relays,
 )
+from synapse_relay.directory import RelayDirectory
 from synapse_relay.keys.snapshot import (
     RELAY_TIMEOUT_MS,
     Snapshot,
@@ -28,7 +29,6 @@ from synapse_relay.keys.snapshot import (
     parse_snapshot,
 )
 from synapse_relay.protocol import KEY_SNAPSHOTS, keys_path
-from synapse_relay.sender import RelayDirectory
 from synapse_relay.stats import RoleStats
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from synapse_relay.directory import MAPPING_CACHE_MS
 from synapse_relay.loopback import Homeserver, SynapseProcess, wait_until
 from synapse_relay.loopback_workers import BACKGROUND_TASKS, FEDERATION_SENDER, Worker
 from synapse_relay.protocol import (
@@ -35,7 +36,6 @@ from synapse_relay.protocol import (
     relay_txn_path,
     send_relay_path,
 )
-from synapse_relay.sender import MAPPING_CACHE_MS
 from tests.harness.fedclient import FakeServer, FakeServerFactory
 from tests.harness.homeserver import (
     HomeserverFactory,

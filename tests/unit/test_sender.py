@@ -22,7 +22,23 @@ from synapse_relay._synapse.outbound import (
 )
 from synapse_relay.admin import parse_relays
 from synapse_relay.config import SendConfig
+from synapse_relay.directory import (
+    MAPPING_CACHE_MS,
+    RelayDirectory,
+    Source,
+    choose_relays,
+    usable_relays,
+)
+from synapse_relay.early_deposit import DEPOSIT_AFTER_MS
 from synapse_relay.protocol import ORIGIN_AUTH, send_relay_path
+from synapse_relay.reach import (
+    RELAY_RETRY_BASE_MS,
+    Destinations,
+    DestinationState,
+    Reach,
+    RelayHealth,
+    relay_retry_delay_ms,
+)
 from synapse_relay.store import Advertisement, Discovered
 from tests.unit.deferreds import run
 
@@ -192,7 +208,7 @@ class Net:
         self.api = api
         self.federation = FakeFederation()
         self.store = store
-        self.directory = s.RelayDirectory(
+        self.directory = RelayDirectory(
             self.config, self.store, self.api.get_current_time_msec, US
         )
         self.sender = s.Sender(self.config, self.directory, self.federation, self.api)
@@ -220,7 +236,7 @@ class Net:
     def stats(self) -> dict:
         return self.sender.stats.snapshot()
 
-    def state(self, destination: str = B) -> s.DestinationState:
+    def state(self, destination: str = B) -> DestinationState:
         return self.sender.destinations.get(destination)
 
 
@@ -230,7 +246,7 @@ class Net:
 def test_delays() -> None:
     delays = [s.retry_delay_ms(n) for n in range(1, 7)]
     assert delays == [100, 200, 400, 800, 1600, 2000]
-    assert [s.relay_retry_delay_ms(n) for n in (1, 2, 3, 5, 6, 100)] == [
+    assert [relay_retry_delay_ms(n) for n in (1, 2, 3, 5, 6, 100)] == [
         1000,
         2000,
         4000,
@@ -241,14 +257,14 @@ def test_delays() -> None:
 
 
 def test_destination_states() -> None:
-    d = s.Destinations()
+    d = Destinations()
     assert not d.is_down(B) and d.peek(B) is None
     assert d.mark_down(B, 10) and not d.mark_down(B, 20)
     assert d.is_down(B) and d.get(B).since_ms == 10
     assert d.mark_up(B, 30) and not d.mark_up(B, 40)
     assert d.get(B).since_ms == 30
     d.mark_rejected(B, 50)
-    assert d.get(B).rejected and d.get(B).reach is s.Reach.UP
+    assert d.get(B).rejected and d.get(B).reach is Reach.UP
     d.mark_down(B, 60)
     assert not d.get(B).rejected
     assert d.snapshot()[B] == {
@@ -262,7 +278,7 @@ def test_destination_states() -> None:
 
 
 def test_relay_health() -> None:
-    h = s.RelayHealth()
+    h = RelayHealth()
     assert h.usable(R1, 0) and h.next_usable_ms([R1, R2], 5) == 5
     assert h.failed(R1, 0) == 1000
     assert not h.usable(R1, 999) and h.usable(R1, 1000)
@@ -274,7 +290,7 @@ def test_relay_health() -> None:
 
 
 def test_usable_relays() -> None:
-    assert s.usable_relays(B, [R1, B, US, R1, R2], US) == (R1, R2)
+    assert usable_relays(B, [R1, B, US, R1, R2], US) == (R1, R2)
 
 
 def test_parse_relays() -> None:
@@ -312,7 +328,7 @@ def test_directory_admin_overrides_config_and_is_cached() -> None:
     assert net.store.reads == 1
     # a change elsewhere is seen once the cache expires...
     net.store.admin = {}
-    net.api.now += s.MAPPING_CACHE_MS - 1
+    net.api.now += MAPPING_CACHE_MS - 1
     assert run(net.directory.relays_for(B)) == (R2,)
     net.api.now += 1
     assert run(net.directory.relays_for(B)) == (R1,)
@@ -339,11 +355,11 @@ def test_directory_uses_discovered_relays_last() -> None:
     net.store.admin = {"d.example": (R1,)}
     found = run(net.directory.resolve(B))
     # a discovered relay naming this server or the destination is ignored
-    assert (found.relays, found.source) == ((R2,), s.Source.DISCOVERED)
-    assert run(net.directory.resolve("c.example")).source is s.Source.CONFIG
-    assert run(net.directory.resolve("d.example")).source is s.Source.ADMIN
+    assert (found.relays, found.source) == ((R2,), Source.DISCOVERED)
+    assert run(net.directory.resolve("c.example")).source is Source.CONFIG
+    assert run(net.directory.resolve("d.example")).source is Source.ADMIN
     expired = run(net.directory.resolve("e.example"))
-    assert (expired.relays, expired.source) == ((), s.Source.NONE)
+    assert (expired.relays, expired.source) == ((), Source.NONE)
     assert expired.discovered is not None
     listed = run(net.directory.everything())
     assert [f.destination for f in listed] == [B, "c.example", "d.example", "e.example"]
@@ -353,7 +369,7 @@ def test_a_read_begun_before_an_invalidation_is_not_cached() -> None:
     net = Net(relays={})
     net.store.discovered_relays = {B: discovered(B, R1)}
     assert run(net.directory.relays_for(B)) == (R1,)
-    net.api.now += s.MAPPING_CACHE_MS  # the cache expired: the next call reloads
+    net.api.now += MAPPING_CACHE_MS  # the cache expired: the next call reloads
     pending: defer.Deferred[dict[str, Discovered]] = defer.Deferred()
     old = dict(net.store.discovered_relays)
     net.store.discovered = lambda: pending
@@ -369,8 +385,8 @@ def test_a_read_begun_before_an_invalidation_is_not_cached() -> None:
 
 def test_discovered_relays_are_not_used_when_discovery_is_off() -> None:
     config = SendConfig(discover=False)
-    found = s.choose_relays(B, config, None, discovered(B, R1), 0, US)
-    assert (found.relays, found.source) == ((), s.Source.NONE)
+    found = choose_relays(B, config, None, discovered(B, R1), 0, US)
+    assert (found.relays, found.source) == ((), Source.NONE)
 
 
 def test_fallback_to_discovered_relays_is_counted() -> None:
@@ -403,7 +419,7 @@ def test_directory_survives_a_database_failure() -> None:
     net.store.admin = {B: (R2,)}
     assert run(net.directory.relays_for(B)) == (R2,)
     net.store.fail = True
-    net.api.now += s.MAPPING_CACHE_MS
+    net.api.now += MAPPING_CACHE_MS
     assert run(net.directory.relays_for(B)) == (R2,)  # what was read before
 
 
@@ -425,7 +441,7 @@ def test_direct_success() -> None:
     assert net.send() == {"pdus": {"$e": {}}}
     assert net.federation.direct_calls == [("1", False)]
     assert net.federation.deposits == [] and net.stock_calls == 0
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
 
 
 def test_transient_failure_then_success() -> None:
@@ -436,7 +452,7 @@ def test_transient_failure_then_success() -> None:
     assert net.api.sleeps == [0.1]
     assert net.federation.deposits == []
     assert net.stats()["direct_failures"] == 1
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
 
 
 def test_down_after_attempts_then_deposit_on_every_relay() -> None:
@@ -468,7 +484,7 @@ def test_down_after_attempts_then_deposit_on_every_relay() -> None:
             "content": transaction,
         }
     ]
-    assert net.state().reach is s.Reach.DOWN
+    assert net.state().reach is Reach.DOWN
     stats = net.stats()
     assert stats["direct_failures"] == 3
     assert stats["fallbacks"] == 1
@@ -509,7 +525,7 @@ def test_an_answer_from_the_destination_is_never_relayed(code: int) -> None:
         net.send()
     assert e.value is error.original  # Synapse gets its own exception back
     assert net.federation.deposits == [] and len(net.federation.direct_calls) == 1
-    assert net.state().reach is s.Reach.UP and net.state().rejected
+    assert net.state().reach is Reach.UP and net.state().rejected
     assert net.stats()["direct_rejected"] == 1
     assert net.stats()["fallbacks"] == 0
     # and Synapse's backoff of it applies as without this module
@@ -522,7 +538,7 @@ def test_synapse_backoff_of_an_unknown_destination_is_tried_at_once() -> None:
     net.federation.direct = [backed_off(), {"pdus": {}}]
     assert net.send() == {"pdus": {}}
     assert net.federation.direct_calls == [("1", False), ("1", True)]
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
     assert net.federation.deposits == []
 
 
@@ -531,7 +547,7 @@ def test_synapse_backoff_of_an_unknown_destination_still_down() -> None:
     net.federation.direct = [backed_off()] + [unreachable()] * 3
     assert net.send() == {"pdus": {}}
     assert net.federation.direct_calls == [("1", False)] + [("1", True)] * 3
-    assert net.state().reach is s.Reach.DOWN
+    assert net.state().reach is Reach.DOWN
     assert len(net.federation.deposits) == 2
 
 
@@ -568,14 +584,14 @@ def test_all_relays_fail_then_synapse_keeps_the_transaction() -> None:
     assert stats["deposits_accepted"] == 0
     # the queue is woken when the first relay may be tried again
     wakes = [(msec, args) for msec, f, args in net.api.delayed if args == (B,)]
-    assert (s.RELAY_RETRY_BASE_MS + 1, (B,)) in wakes
+    assert (RELAY_RETRY_BASE_MS + 1, (B,)) in wakes
     # meanwhile the relays are not tried, and Synapse's backoff applies
     assert run(net.sender.lets_through(B)) is False
     with pytest.raises(RuntimeError, match="for synapse: b.example is down"):
         net.send()
     assert len(net.federation.deposits) == 2
     # once a relay may be tried again, Synapse is let through to it
-    net.api.now += s.RELAY_RETRY_BASE_MS
+    net.api.now += RELAY_RETRY_BASE_MS
     assert run(net.sender.lets_through(B)) is True
     net.federation.relays = {}
     assert net.send() == {"pdus": {}}
@@ -635,10 +651,10 @@ def send_async(net: Net) -> "defer.Deferred[Any]":
 
 def deadline_passes(net: Net) -> None:
     """Time passes until the direct attempts have been silent for DEPOSIT_AFTER_MS."""
-    due = [c for c in net.api.delayed if c[0] == s.DEPOSIT_AFTER_MS]
+    due = [c for c in net.api.delayed if c[0] == DEPOSIT_AFTER_MS]
     assert len(due) == 1, net.api.delayed
     net.api.delayed.remove(due[0])
-    net.api.now += s.DEPOSIT_AFTER_MS
+    net.api.now += DEPOSIT_AFTER_MS
     msec, f, args = due[0]
     f(*args)
 
@@ -665,7 +681,7 @@ def test_a_silent_destination_gets_it_deposited_after_the_deadline() -> None:
     stats = net.stats()
     assert stats["early_deposits"] == 1 and stats["fallbacks"] == 1
     # a silent first attempt does not make the destination down...
-    assert net.state().reach is s.Reach.UNKNOWN
+    assert net.state().reach is Reach.UNKNOWN
     assert net.federation.direct_calls == [("1", False)]
     # while they go on unanswered, the next transaction is deposited at once and
     # tried directly all the same
@@ -674,14 +690,14 @@ def test_a_silent_destination_gets_it_deposited_after_the_deadline() -> None:
     assert len(net.federation.deposits) == 4
     assert net.federation.direct_calls == [("1", False), ("2", False)]
     assert net.stats()["early_deposits"] == 2
-    assert all(msec != s.DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
+    assert all(msec != DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
     # ...the attempts go on in the background, and their failures do
     net.federation.direct = silent[1:]
     silent[0].callback(unreachable())
     silent[1].callback(unreachable())
     silent[2].callback(unreachable())
     assert len(net.federation.direct_calls) == 4
-    assert net.state().reach is s.Reach.DOWN and not net.state().silent
+    assert net.state().reach is Reach.DOWN and not net.state().silent
     assert net.stats()["direct_failures"] == 3
     assert len(net.federation.deposits) == 4  # not deposited again
 
@@ -692,12 +708,12 @@ def test_a_slow_but_alive_destination_gets_it_directly_only() -> None:
     net.federation.direct = [slow]
     sent = send_async(net)
     assert not sent.called
-    net.api.now += s.DEPOSIT_AFTER_MS - 1
+    net.api.now += DEPOSIT_AFTER_MS - 1
     slow.callback({"pdus": {"$e": {}}})
     assert result_of(sent) == {"pdus": {"$e": {}}}
     assert net.federation.deposits == []
     assert net.api.delayed == []  # the deadline was cancelled
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
     assert net.stats()["early_deposits"] == 0
 
 
@@ -721,7 +737,7 @@ def test_an_answer_after_the_deadline_while_relays_are_slow_decides() -> None:
     assert not sent.called and len(net.federation.deposits) == 2
     slow_direct.callback({"pdus": {"$e": {}}})
     assert result_of(sent) == {"pdus": {"$e": {}}}
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
     slow_relay.callback(None)  # the deposits end later: a harmless duplicate
     assert net.stats()["deposits_accepted"] == 2
 
@@ -754,7 +770,7 @@ def test_relays_refusing_after_the_deadline_leave_it_to_the_direct_attempts() ->
         result_of(sent)
     assert e.value is last.original
     assert net.stats()["fallbacks_failed"] == 1
-    assert net.state().reach is s.Reach.DOWN
+    assert net.state().reach is Reach.DOWN
 
 
 def test_a_destination_refusing_connections_is_relayed_before_the_deadline() -> None:
@@ -762,7 +778,7 @@ def test_a_destination_refusing_connections_is_relayed_before_the_deadline() -> 
     net.federation.direct = [unreachable()] * 3
     assert net.send() == {"pdus": {}}
     assert net.stats()["early_deposits"] == 0
-    assert all(msec != s.DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
+    assert all(msec != DEPOSIT_AFTER_MS for msec, _, _ in net.api.delayed)
 
 
 # --- recovery -----------------------------------------------------------------------
@@ -771,7 +787,7 @@ def test_a_destination_refusing_connections_is_relayed_before_the_deadline() -> 
 def down(net: Net) -> None:
     net.federation.direct = [unreachable()] * net.config.attempts_before_relay
     assert net.send() == {"pdus": {}}
-    assert net.state().reach is s.Reach.DOWN
+    assert net.state().reach is Reach.DOWN
 
 
 def test_probe_until_it_answers() -> None:
@@ -781,12 +797,12 @@ def test_probe_until_it_answers() -> None:
     net.api.run_delayed()
     assert net.federation.probes == [B]
     assert net.federation.probe_backoff == [False]
-    assert net.state().reach is s.Reach.DOWN
+    assert net.state().reach is Reach.DOWN
     [(msec, _, _)] = net.api.delayed  # the next probe, one interval later
     assert msec == s.PROBE_INTERVAL_MS
     net.federation.probe_result = None
     net.api.run_delayed()
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
     assert net.federation.woken == [B]
     assert net.api.delayed == []
     assert net.stats()["probes"] == 2 and net.stats()["recoveries"] == 1
@@ -806,7 +822,7 @@ def test_probe_feeds_synapse_backoff_unless_it_is_backing_off() -> None:
     net.federation.probe_results = [backed_off(), None]
     net.api.run_delayed()
     assert net.federation.probe_backoff == [False, False, True]
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
 
 
 def test_probe_answered_with_an_error_is_an_answer() -> None:
@@ -814,7 +830,7 @@ def test_probe_answered_with_an_error_is_an_answer() -> None:
     down(net)
     net.federation.probe_result = rejected(404)
     net.api.run_delayed()
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
 
 
 def test_probe_stops_when_the_destination_has_no_relays_any_more() -> None:
@@ -831,7 +847,7 @@ def test_synapse_reporting_it_up_resumes_direct_delivery() -> None:
     net = Net()
     down(net)
     net.sender.remote_server_up(B)
-    assert net.state().reach is s.Reach.UP
+    assert net.state().reach is Reach.UP
     assert net.stats()["recoveries"] == 1
     net.sender.remote_server_up("unrelated.example")
     assert net.sender.destinations.peek("unrelated.example") is None
