@@ -161,4 +161,3 @@ class Race:
 
     def _direct_failure(self) -> Unreachable | None:
         return self._direct if isinstance(self._direct, Unreachable) else None
-

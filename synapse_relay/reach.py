@@ -135,4 +135,3 @@ class RelayHealth:
                 for r in relays
             ),
         )
-
