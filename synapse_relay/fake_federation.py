@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,6 +28,7 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import decode_base64, encode_base64
 
 from synapse_relay.loopback import HTTP_TIMEOUT, Service
+from synapse_relay.proof import signed_request
 
 T = TypeVar("T", bound="TlsJsonServer")
 
@@ -40,7 +42,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        code, answer = self.server.owner.handle(self.command, self.path, body)
+        code, answer = self.server.owner.handle_request(
+            self.command, self.path, self.headers, body
+        )
         data = json.dumps(answer).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -77,6 +81,12 @@ class TlsJsonServer(Service):
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         """The (status, JSON answer) for a request; runs on a server thread."""
         raise NotImplementedError
+
+    def handle_request(
+        self, method: str, path: str, headers: Message, body: bytes
+    ) -> tuple[int, Any]:
+        """`handle`, for servers that also read the request's headers."""
+        return self.handle(method, path, body)
 
     @property
     def server_name(self) -> str:
@@ -168,6 +178,14 @@ class FakeServer(TlsJsonServer):
         }
         signed: dict[str, Any] = sign_json(keys, self.server_name, self.signing_key)
         return signed
+
+    def origin_proof(self, transaction: dict[str, Any]) -> dict[str, str]:
+        """The origin proof (DESIGN.md 2b) of `transaction`, a six-field T of
+        which this server is the origin, as the send role makes it."""
+        signed = sign_json(
+            signed_request(transaction), self.server_name, self.signing_key
+        )
+        return {"key": KEY_ID, "sig": signed["signatures"][self.server_name][KEY_ID]}
 
     def authorization(
         self,

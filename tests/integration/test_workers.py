@@ -7,23 +7,28 @@ One homeserver `w` runs as a main process and four workers, with Redis
   role's endpoints (w holds mail for anyone);
 - `sender1`: the federation sender, so the send role (w's relays of a destination
   are set through the admin API on the main process only);
-- `background1`: runs background tasks, so the receive role (w collects from `p`).
+- `background1`: runs background tasks, so the receive role (w collects from `p`)
+  and the relay role's push (docs/push.rst).
 
 `p` is a plain homeserver, a relay holding mail for anyone; `b` a plain homeserver
-sharing a room with w. Fake federation servers deposit on w's workers and collect
-from them. The deployment is shared by the module's tests (starting workers is
-expensive).
+sharing a room with w. Fake federation servers deposit on w's workers, collect
+from them and take the transactions w pushes. The deployment is shared by the
+module's tests (starting workers is expensive).
 """
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from signedjson.key import decode_verify_key_bytes
+from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
@@ -32,11 +37,13 @@ from synapse_relay.loopback import Homeserver, SynapseProcess, wait_until
 from synapse_relay.loopback_workers import BACKGROUND_TASKS, FEDERATION_SENDER, Worker
 from synapse_relay.protocol import (
     FEDERATION_PREFIX,
+    ORIGIN_AUTH,
     RELAYS_QUERY_TYPE,
     relay_txn_path,
     send_relay_path,
 )
-from tests.harness.fedclient import FakeServer, FakeServerFactory
+from synapse_relay.push import PROBE_TIMEOUT_MS, SCAN_INTERVAL_MS
+from tests.harness.fedclient import KEY_ID, FakeServer, FakeServerFactory
 from tests.harness.homeserver import (
     HomeserverFactory,
     WorkerHomeserver,
@@ -197,6 +204,125 @@ def test_relay_on_two_federation_workers(
         origin.server_name: list(range(DEPOSITS_PER_ORIGIN)) for origin in origins
     }
     assert net.queued(net.w, owner.server_name) == 0
+
+
+@dataclass(frozen=True)
+class Send:
+    """A `PUT /send` a destination received."""
+
+    at: float  # time.monotonic()
+    path: str
+    authorization: str
+    body: bytes
+
+
+class PlainDestination(FakeServer):
+    """A destination without the module that answers: it accepts every
+    `PUT /send` and records it."""
+
+    def __init__(self, cert: tuple[Path, Path]) -> None:
+        super().__init__(cert)
+        self.sends: list[Send] = []
+
+    def handle_request(
+        self, method: str, path: str, headers: Message, body: bytes
+    ) -> tuple[int, Any]:
+        if method == "PUT" and path.startswith(f"{FEDERATION_PREFIX}/send/"):
+            authorization = headers.get("Authorization", "")
+            self.sends.append(Send(time.monotonic(), path, authorization, body))
+            return 200, {"pdus": {}}
+        if method == "GET" and path == f"{FEDERATION_PREFIX}/version":
+            return 200, {"server": {"name": "plain", "version": "1"}}
+        return super().handle_request(method, path, headers, body)
+
+
+def assert_signed_by(send: Send, origin: FakeServer, destination: str) -> None:
+    """`send` is the origin's own request to `destination`: its X-Matrix
+    signature is made with the origin's key."""
+    scheme, _, params = send.authorization.partition(" ")
+    assert scheme == "X-Matrix", send.authorization
+    auth = dict(re.findall(r'(\w+)="([^"]*)"', params))
+    assert auth.keys() == {"origin", "destination", "key", "sig"}, auth
+    assert (auth["origin"], auth["destination"], auth["key"]) == (
+        origin.server_name,
+        destination,
+        KEY_ID,
+    )
+    signed = {
+        "method": "PUT",
+        "uri": send.path,
+        "origin": origin.server_name,
+        "destination": destination,
+        "content": json.loads(send.body),
+        "signatures": {origin.server_name: {KEY_ID: auth["sig"]}},
+    }
+    verify_signed_json(signed, origin.server_name, get_verify_key(origin.signing_key))
+
+
+def test_background_tasks_worker_pushes_deposits_of_federation_workers(
+    net: Deployment, fake_servers: FakeServerFactory
+) -> None:
+    """A proven deposit on each federation worker for a plain destination that
+    answers: the background-tasks worker, the one process that pushes, finds them
+    by its scan (no other process can wake it) and replays the origin's `/send`,
+    oldest first; each entry is then deleted."""
+    origin = fake_servers.create()
+    pusher = net.w.with_duty(BACKGROUND_TASKS)
+
+    def delivered() -> int:
+        response = net.admin(pusher, "GET", "status")
+        assert response.status_code == 200, response.text
+        push: dict[str, int] = response.json()["push"]
+        return push["delivered"]
+
+    before = delivered()
+    with PlainDestination(fake_servers.cert) as destination:
+        name = destination.server_name
+        transactions, deposited_at = [], []
+        for seq, reader in enumerate(("federation1", "federation2")):
+            txn_id = f"pushed-{seq}"
+            t: dict[str, Any] = {
+                "origin": origin.server_name,
+                "origin_server_ts": int(time.time() * 1000),
+                "destination": name,
+                "transaction_id": txn_id,
+                "pdus": [],
+                "edus": [{"edu_type": "org.example.seq", "content": {"seq": seq}}],
+            }
+            body = {**t, ORIGIN_AUTH: origin.origin_proof(t)}
+            path = send_relay_path(txn_id, name)
+            response = origin.request("PUT", net.w.workers[reader], path, content=body)
+            assert response.status_code == 200, response.text
+            transactions.append(t)
+            deposited_at.append(time.monotonic())
+
+        wait_until(
+            lambda: len(destination.sends) >= len(transactions),
+            30,
+            interval=0.05,
+            message="the deposits pushed to the destination",
+        )
+        wait_until(
+            lambda: net.queued(net.w, name) == 0, 30, message="the entries deleted"
+        )
+        # each pushed once, in order, as the origin signed it
+        assert [json.loads(s.body) for s in destination.sends] == transactions
+        for send in destination.sends:
+            assert_signed_by(send, origin, name)
+    latencies = [
+        send.at - at for send, at in zip(destination.sends, deposited_at, strict=True)
+    ]
+    print(
+        "\npushed by the background-tasks worker "
+        + ", ".join(f"{seconds:.2f} s" for seconds in latencies)
+        + f" after each deposit (scan every {SCAN_INTERVAL_MS} ms)"
+    )
+    # A scan, then a probe and a push on loopback.
+    limit = (SCAN_INTERVAL_MS + PROBE_TIMEOUT_MS) / 1000
+    assert max(latencies) < limit, latencies
+    assert delivered() == before + len(transactions)
+    for process in (net.w, net.w.with_duty(FEDERATION_SENDER)):
+        assert net.admin(process, "GET", "status").json()["push"] is None
 
 
 def test_send_role_on_the_federation_sender_worker(net: Deployment) -> None:
