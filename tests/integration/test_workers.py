@@ -321,8 +321,12 @@ def test_background_tasks_worker_pushes_deposits_of_federation_workers(
     limit = (SCAN_INTERVAL_MS + PROBE_TIMEOUT_MS) / 1000
     assert max(latencies) < limit, latencies
     assert delivered() == before + len(transactions)
+    # No other process pushes (the federation workers serve no admin API).
     for process in (net.w, net.w.with_duty(FEDERATION_SENDER)):
         assert net.admin(process, "GET", "status").json()["push"] is None
+    for instance in net.w.processes:
+        log = instance.log_path.read_text(errors="replace")
+        assert ("Relay push enabled" in log) == (instance is pusher), instance
 
 
 def test_send_role_on_the_federation_sender_worker(net: Deployment) -> None:
