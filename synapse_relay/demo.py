@@ -5,6 +5,9 @@ loopback. bob joins alice's room while all are online; B goes offline and alice
 sends messages, each deposited on R; A goes offline too and B comes back: bob
 receives every message through R, in order.
 
+With `--workers`, R is a Synapse worker deployment (loopback_workers.py) and the
+demo says which of its processes did what.
+
 `Scenario` is the scenario itself, step by step, shared with the end-to-end test;
 `main` adds the command line and the output meant for people.
 """
@@ -18,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,16 +32,32 @@ from synapse_relay.loopback import (
     Homeserver,
     PostgresCluster,
     PostgresError,
+    SynapseProcess,
     free_port,
     make_self_signed_cert,
     terminated_as_interrupt,
     wait_until,
+)
+from synapse_relay.loopback_workers import (
+    BACKGROUND_TASKS,
+    FEDERATION_SENDER,
+    RedisServer,
+    Worker,
+    WorkerHomeserver,
+)
+from synapse_relay.protocol import (
+    FEDERATION_PREFIX,
+    collect_path,
+    relay_txn_path,
 )
 
 # How long one message may take to reach R, then B, before the demo gives up.
 STEP_TIMEOUT = 60
 # B polls R this often (its first collection is at start-up).
 POLL_INTERVAL = "5s"
+# With --workers: the federation reader whose listener is R's address (a reverse
+# proxy would spread federation over both readers; the demo has none).
+R_ADDRESS_WORKER = "federation1"
 
 
 _TIMELINE_FILTER = json.dumps({"room": {"timeline": {"limit": 1000}}})
@@ -125,20 +145,26 @@ class Scenario:
         self,
         directory: Path,
         new_database: Callable[[], dict[str, Any] | None] = lambda: None,
+        relay_workers: bool = False,
     ) -> None:
-        """`new_database` gives each homeserver's `database:` (None: SQLite)."""
+        """`new_database` gives each homeserver's `database:` (None: SQLite);
+        `relay_workers`: R runs as a worker deployment (PostgreSQL only)."""
         self.directory = directory
         cert = make_self_signed_cert(directory / "tls")
+
+        def homeserver(name: str) -> Homeserver:
+            place: dict[str, Any] = {
+                "workdir": directory / name,
+                "port": free_port(),
+                "cert": cert,
+                "database": new_database(),
+            }
+            if name == "R" and relay_workers:
+                return WorkerHomeserver(**place, federation_worker=R_ADDRESS_WORKER)
+            return Homeserver(**place)
+
         # Server names are fixed by their ports, which every config needs first.
-        self.a, self.r, self.b = (
-            Homeserver(
-                workdir=directory / name,
-                port=free_port(),
-                cert=cert,
-                database=new_database(),
-            )
-            for name in ("A", "R", "B")
-        )
+        self.a, self.r, self.b = (homeserver(name) for name in ("A", "R", "B"))
         self.a.module_config = {
             "send": {"relays": {self.b.server_name: [self.r.server_name]}}
         }
@@ -228,6 +254,55 @@ class Scenario:
             homeserver.stop()
 
 
+def process_name(process: SynapseProcess) -> str:
+    """A process of R's worker deployment, as the demo names it."""
+    return process.name if isinstance(process, Worker) else "main"
+
+
+def process_roles(r: WorkerHomeserver) -> Iterator[tuple[str, str]]:
+    """(name, what it does) for each process of R's worker deployment."""
+    yield "main", f"{r.base_url}  client and admin API, replication"
+    for worker in r.workers.values():
+        roles = []
+        if "federation" in worker.spec.resources:
+            roles.append("federation reader")
+            if r.server_name.endswith(f":{worker.port}"):
+                roles.append(f"R's address {r.server_name}")
+        if FEDERATION_SENDER in worker.spec.duties:
+            roles.append("federation sender")
+        if BACKGROUND_TASKS in worker.spec.duties:
+            roles.append("background tasks: push, purge")
+        if "client" in worker.spec.resources:
+            roles.append("admin API")
+        yield worker.name, f"{worker.base_url}  {', '.join(roles)}"
+    yield "Redis", f"127.0.0.1:{r.redis.port}  replication between them"
+
+
+def relay_activity(r: WorkerHomeserver, destination: str) -> dict[str, Counter[str]]:
+    """What each process of R did for `destination`, from its log: Synapse's access
+    log has a line per request served, the pusher one per entry pushed."""
+    signs = {
+        "deposits accepted": (f' 200 "PUT {FEDERATION_PREFIX}/send_relay/',),
+        "collections served": (
+            f'"GET {relay_txn_path(destination)}',
+            f" {collect_path(destination)}",
+        ),
+        "entries pushed to B": ("Pushed transaction ",),
+    }
+    activity = {}
+    for process in (r, *r.workers.values()):
+        log = process.log_path.read_text(errors="replace").splitlines()
+        counts = Counter(dict.fromkeys(signs, 0))  # in this order
+        counts.update(
+            what
+            for line in log
+            for what, patterns in signs.items()
+            if any(pattern in line for pattern in patterns)
+        )
+        activity[process_name(process)] = +counts  # without the zeros
+    return activity
+
+
 def _wait(predicate: Callable[[], Any], what: str) -> None:
     try:
         wait_until(predicate, STEP_TIMEOUT, interval=0.05, message=what)
@@ -265,6 +340,10 @@ def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
     say.say(f"B  {b.server_name:<17} recipient: collects from R every {POLL_INTERVAL}")
     for name, homeserver in zip("ARB", scenario.homeservers, strict=True):
         say.say(f"{name} is up after {scenario.start(homeserver):.1f}s")
+        if isinstance(homeserver, WorkerHomeserver):
+            say.say("R runs as a worker deployment on PostgreSQL:")
+            for process, roles in process_roles(homeserver):
+                say.say(f"  {process:<12} {roles}")
 
     say.step("alice@A creates a room; bob@B joins it while everyone is online")
     scenario.setup_users()
@@ -302,6 +381,12 @@ def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
         " order, while B was offline and then A was offline."
     )
     say.say("R's queue for B is empty: every entry was acknowledged after processing.")
+    if isinstance(r, WorkerHomeserver):
+        say.say("What R's processes did (from their logs):")
+        for process, counts in relay_activity(r, b.server_name).items():
+            if counts:
+                done = ", ".join(f"{what}: {n}" for what, n in counts.items())
+                say.say(f"  {process:<12} {done}")
     if keep:
         scenario.start(a)
 
@@ -331,6 +416,8 @@ def report_kept(
         say.say(f"log      {homeserver.log_path}")
         say.say(f"stop:    kill $(cat {shlex.quote(str(homeserver.pid_path))})")
         say.say(f"restart: cd {shlex.quote(str(homeserver.workdir))} && {restart}")
+    if isinstance(scenario.r, WorkerHomeserver):
+        report_kept_workers(scenario.r, say)
     if postgres is not None:
         say.say(
             f"PostgreSQL  {postgres.host}:{postgres.port} (databases of A, R and B),"
@@ -347,6 +434,22 @@ def report_kept(
     )
 
 
+def report_kept_workers(r: WorkerHomeserver, say: Narrator) -> None:
+    """R's workers and Redis (--keep --workers): each with its log and how to stop
+    it; R's main process is restarted alone, with them running."""
+    processes: list[tuple[str, Worker | RedisServer]] = [
+        (f"{name}, {roles.split('  ', 1)[1]}", r.workers[name])
+        for name, roles in process_roles(r)
+        if name in r.workers
+    ]
+    processes.append((f"Redis, {r.redis.host}:{r.redis.port}", r.redis))
+    for what, process in processes:
+        process.pid_path.write_text(f"{process.pid}\n")
+        say.say(f"R  {what}, pid {process.pid}", indent="")
+        say.say(f"log      {process.log_path}")
+        say.say(f"stop:    kill $(cat {shlex.quote(str(process.pid_path))})")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
@@ -361,10 +464,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use a throwaway PostgreSQL server (under --dir) instead of SQLite",
     )
     parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="run R as a Synapse worker deployment (a main process, two federation"
+        " readers, a federation sender, a background-tasks worker and a throwaway"
+        " Redis); implies --postgres, needs redis-server",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
-        help="leave the homeservers (and PostgreSQL) running to explore them, and"
-        " say how to stop and restart each",
+        help="leave the homeservers (and PostgreSQL, Redis) running to explore"
+        " them, and say how to stop and restart each",
     )
     parser.add_argument(
         "--dir",
@@ -390,6 +500,10 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     """Run the demo as the command line asked; the process's exit code."""
     if args.messages < 1:
         parser.error("--messages must be at least 1")
+    args.postgres = args.postgres or args.workers
+    missing = missing_requirement(args)
+    if missing:
+        raise SystemExit(missing)
     out = sys.stdout
     directory = args.dir or Path(tempfile.mkdtemp(prefix="synapse-relay-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -399,7 +513,9 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     succeeded = False
     with terminated_as_interrupt(), _postgres(args.postgres, directory) as postgres:
         scenario = Scenario(
-            directory, postgres.create_database if postgres else lambda: None
+            directory,
+            postgres.create_database if postgres else lambda: None,
+            relay_workers=args.workers,
         )
         try:
             run(scenario, args.messages, args.keep, out)
@@ -425,6 +541,19 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 0
 
 
+def missing_requirement(args: argparse.Namespace) -> str | None:
+    """What the options need and this machine lacks, as a one-line error."""
+    option = "--workers" if args.workers else "--postgres"
+    if args.postgres and not PostgresCluster.available():
+        return (
+            f"{option} needs PostgreSQL installed (on Debian: apt-get install"
+            " postgresql)"
+        )
+    if args.workers and not RedisServer.available():
+        return "--workers needs Redis (on Debian: apt-get install redis-server)"
+    return None
+
+
 @contextmanager
 def _postgres(enabled: bool, directory: Path) -> Iterator[PostgresCluster | None]:
     """A throwaway PostgreSQL server in `directory`/postgres, started; whoever
@@ -432,11 +561,6 @@ def _postgres(enabled: bool, directory: Path) -> Iterator[PostgresCluster | None
     if not enabled:
         yield None
         return
-    if not PostgresCluster.available():
-        raise SystemExit(
-            "--postgres needs PostgreSQL installed (on Debian: apt-get install"
-            " postgresql)"
-        )
     cluster = PostgresCluster(directory=directory / "postgres")
     try:
         cluster.start()  # (on failure, it stops and removes what it started)

@@ -58,6 +58,7 @@ class RedisServer(Service):
         self.host = "127.0.0.1"
         self.port = free_port()
         self.log_path = workdir / "redis.log"
+        self.pid_path = workdir / "redis.pid"  # written by whoever needs it
         self._process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -67,6 +68,10 @@ class RedisServer(Service):
     @property
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.is_running and self._process else None
 
     def start(self, timeout: float = 30) -> None:
         program = shutil.which("redis-server")
@@ -157,6 +162,7 @@ class Worker(SynapseProcess):
         self.name = spec.name
         self.config_path = main.workdir / f"{spec.name}.yaml"
         self.log_config_path = main.workdir / f"{spec.name}-log.yaml"
+        self.pid_path = main.workdir / f"{spec.name}.pid"  # written by whoever needs it
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} of {self.server_name} on port {self.port}>"
@@ -198,6 +204,10 @@ class WorkerHomeserver(Homeserver):
 
     `workers` maps each worker's name to its `Worker`; `start()` starts Redis, the
     main process, then the workers; `stop()` stops them all.
+
+    Other homeservers reach it on the main process's port, or with
+    `federation_worker` on that worker's (the server name is `localhost:<its
+    port>`), as a reverse proxy sends federation to a federation reader.
     """
 
     def __init__(
@@ -206,12 +216,13 @@ class WorkerHomeserver(Homeserver):
         workdir: Path,
         port: int,
         cert: tuple[Path, Path],
-        database: dict[str, Any],
+        database: dict[str, Any] | None,
         module_config: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
         workers: Sequence[WorkerSpec] = STANDARD_WORKERS,
+        federation_worker: str | None = None,
     ) -> None:
-        if database.get("name") != "psycopg2":
+        if database is None or database.get("name") != "psycopg2":
             raise HomeserverError("Synapse workers need a PostgreSQL database")
         super().__init__(
             workdir=workdir,
@@ -224,6 +235,8 @@ class WorkerHomeserver(Homeserver):
         self.redis = RedisServer(workdir)
         self.replication_port = free_port()
         self.workers = {spec.name: Worker(self, spec) for spec in workers}
+        if federation_worker is not None:
+            self.server_name = f"localhost:{self.workers[federation_worker].port}"
 
     def __repr__(self) -> str:
         return f"<WorkerHomeserver {self.server_name} in {self.workdir}>"

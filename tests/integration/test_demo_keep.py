@@ -1,6 +1,7 @@
-"""`synapse-relay demo --keep --postgres`, as a process: it names each process it
-leaves running (A, R, B and PostgreSQL, all under --dir), and the commands it
-prints stop and restart each of them."""
+"""`synapse-relay demo` as a process: with `--keep --postgres` it names each
+process it leaves running (A, R, B and PostgreSQL, all under --dir), and the
+commands it prints stop and restart each of them; with `--workers` (R a worker
+deployment with Redis) the message crosses and nothing is left running."""
 
 import os
 import re
@@ -16,6 +17,8 @@ import pytest
 import requests
 
 from synapse_relay.loopback import PostgresCluster, wait_until
+from synapse_relay.loopback_workers import RedisServer
+from tests.conftest import require
 
 pytestmark = pytest.mark.integration
 
@@ -102,26 +105,24 @@ def stop(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def test_demo_keep_reports_what_it_leaves_running(directory: Path) -> None:
-    if not PostgresCluster.available():
-        pytest.skip("PostgreSQL binaries not found: apt-get install postgresql")
-    result = subprocess.run(
+def demo(directory: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """`synapse-relay demo --messages 1 --dir directory options...`, run."""
+    return subprocess.run(
         [
             sys.executable,
-            "-m",
-            "synapse_relay.cli",
-            "demo",
-            "--keep",
-            "--postgres",
-            "--messages",
-            "1",
-            "--dir",
-            str(directory),
+            *("-m", "synapse_relay.cli", "demo", "--messages", "1"),
+            *("--dir", str(directory), *options),
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_demo_keep_reports_what_it_leaves_running(directory: Path) -> None:
+    if not PostgresCluster.available():
+        pytest.skip("PostgreSQL binaries not found: apt-get install postgresql")
+    result = demo(directory, "--keep", "--postgres")
     assert result.returncode == 0, result.stdout + result.stderr
     processes = kept(result.stdout)
     assert list(processes) == PROCESSES, result.stdout
@@ -143,3 +144,21 @@ def test_demo_keep_reports_what_it_leaves_running(directory: Path) -> None:
     wait_until(
         lambda: processes_under(directory) == [], 60, message="nothing left running"
     )
+
+
+@pytest.mark.workers
+def test_demo_with_a_relay_on_workers(directory: Path) -> None:
+    """R runs as a main process, four workers and Redis: the message crosses, the
+    output says which process accepted the deposit, and everything stops."""
+    require(
+        PostgresCluster.available() and RedisServer.available(),
+        "--workers needs PostgreSQL and redis-server:"
+        " apt-get install postgresql redis-server",
+    )
+    result = demo(directory, "--workers")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "1/1 messages crossed from alice to bob through R" in result.stdout, output
+    assert re.search(r"\n +federation1 +deposits accepted: [1-9]", result.stdout), output
+    assert (directory / "R" / "federation1.log").exists()
+    assert processes_under(directory) == []
