@@ -159,6 +159,8 @@ def test_demo_with_a_relay_on_workers(directory: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "1/1 messages crossed from alice to bob through R" in result.stdout, output
-    assert re.search(r"\n +federation1 +deposits accepted: [1-9]", result.stdout), output
+    assert re.search(r"\n +federation1 +deposits accepted: [1-9]", result.stdout), (
+        output
+    )
     assert (directory / "R" / "federation1.log").exists()
     assert processes_under(directory) == []
