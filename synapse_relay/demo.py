@@ -259,9 +259,9 @@ def process_name(process: SynapseProcess) -> str:
     return process.name if isinstance(process, Worker) else "main"
 
 
-def process_roles(r: WorkerHomeserver) -> Iterator[tuple[str, str]]:
-    """(name, what it does) for each process of R's worker deployment."""
-    yield "main", f"{r.base_url}  client and admin API, replication"
+def process_roles(r: WorkerHomeserver) -> Iterator[tuple[str, str, str]]:
+    """(name, address, what it does) for each process of R's worker deployment."""
+    yield "main", r.base_url, "client and admin API, replication"
     for worker in r.workers.values():
         roles = []
         if "federation" in worker.spec.resources:
@@ -274,8 +274,8 @@ def process_roles(r: WorkerHomeserver) -> Iterator[tuple[str, str]]:
             roles.append("background tasks: push, purge")
         if "client" in worker.spec.resources:
             roles.append("admin API")
-        yield worker.name, f"{worker.base_url}  {', '.join(roles)}"
-    yield "Redis", f"127.0.0.1:{r.redis.port}  replication between them"
+        yield worker.name, worker.base_url, ", ".join(roles)
+    yield "Redis", f"{r.redis.host}:{r.redis.port}", "replication between them"
 
 
 def relay_activity(r: WorkerHomeserver, destination: str) -> dict[str, Counter[str]]:
@@ -342,8 +342,8 @@ def run(scenario: Scenario, messages: int, keep: bool, out: TextIO) -> None:
         say.say(f"{name} is up after {scenario.start(homeserver):.1f}s")
         if isinstance(homeserver, WorkerHomeserver):
             say.say("R runs as a worker deployment on PostgreSQL:")
-            for process, roles in process_roles(homeserver):
-                say.say(f"  {process:<12} {roles}")
+            for process, address, roles in process_roles(homeserver):
+                say.say(f"  {process:<12} {address:<24} {roles}")
 
     say.step("alice@A creates a room; bob@B joins it while everyone is online")
     scenario.setup_users()
@@ -416,8 +416,8 @@ def report_kept(
         say.say(f"log      {homeserver.log_path}")
         say.say(f"stop:    kill $(cat {shlex.quote(str(homeserver.pid_path))})")
         say.say(f"restart: cd {shlex.quote(str(homeserver.workdir))} && {restart}")
-    if isinstance(scenario.r, WorkerHomeserver):
-        report_kept_workers(scenario.r, say)
+        if isinstance(homeserver, WorkerHomeserver):
+            report_kept_workers(homeserver, say)
     if postgres is not None:
         say.say(
             f"PostgreSQL  {postgres.host}:{postgres.port} (databases of A, R and B),"
@@ -436,16 +436,14 @@ def report_kept(
 
 def report_kept_workers(r: WorkerHomeserver, say: Narrator) -> None:
     """R's workers and Redis (--keep --workers): each with its log and how to stop
-    it; R's main process is restarted alone, with them running."""
-    processes: list[tuple[str, Worker | RedisServer]] = [
-        (f"{name}, {roles.split('  ', 1)[1]}", r.workers[name])
-        for name, roles in process_roles(r)
-        if name in r.workers
-    ]
-    processes.append((f"Redis, {r.redis.host}:{r.redis.port}", r.redis))
-    for what, process in processes:
+    it; R's main process restarts alone, with them running."""
+    kept: dict[str, Worker | RedisServer] = {**r.workers, "Redis": r.redis}
+    for name, address, roles in process_roles(r):
+        process = kept.get(name)
+        if process is None:  # the main process, reported as R
+            continue
         process.pid_path.write_text(f"{process.pid}\n")
-        say.say(f"R  {what}, pid {process.pid}", indent="")
+        say.say(f"R  {name} {address} ({roles}), pid {process.pid}", indent="")
         say.say(f"log      {process.log_path}")
         say.say(f"stop:    kill $(cat {shlex.quote(str(process.pid_path))})")
 
