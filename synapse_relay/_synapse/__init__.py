@@ -12,8 +12,7 @@ This package itself holds only light helpers that pure modules (config.py,
 inbound.py) may import without pulling in Synapse's federation machinery.
 """
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from collections.abc import Sequence
 from typing import Any
 
 import attr
@@ -36,9 +35,6 @@ from synapse.module_api import (
 
 # synapse/storage/engines: the engine class tells SQLite and PostgreSQL apart.
 from synapse.storage.engines import PostgresEngine
-
-# util/async_helpers.py: a keyed lock that keeps logcontexts right.
-from synapse.util.async_helpers import Linearizer
 
 # synapse/util/stringutils.py: the server-name grammar Synapse itself enforces.
 from synapse.util.stringutils import parse_and_validate_server_name
@@ -92,16 +88,6 @@ def canonical_json_refusal(error: ValueError | RecursionError) -> SynapseError:
         f"The request body cannot be encoded as canonical JSON: {reason}",
         Codes.BAD_JSON,
     )
-
-
-def keyed_lock(api: ModuleApi, name: str) -> Callable[[str], AsyncContextManager[None]]:
-    """`async with lock(key):` runs one holder per key at a time in this process.
-
-    Synapse's `Linearizer` (util/async_helpers.py), which the module API does not
-    offer, built with the homeserver's clock.
-    """
-    # synapse/module_api/__init__.py: ModuleApi keeps the HomeServer as `_hs`.
-    return Linearizer(name, api._hs.get_clock()).queue
 
 
 def background_tasks_instance(api: ModuleApi) -> str:

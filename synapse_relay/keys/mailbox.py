@@ -14,7 +14,6 @@ from canonicaljson import encode_canonical_json
 from synapse.module_api import JsonDict, ModuleApi
 from synapse.module_api.errors import Codes, SynapseError
 
-from synapse_relay._synapse import keyed_lock
 from synapse_relay._synapse.keys import ServerSignatures
 from synapse_relay._synapse.servlets import mount_federation_endpoints
 from synapse_relay.config import MAX_ESCROWED_ONE_TIME_KEYS, RelayConfig
@@ -73,7 +72,6 @@ class KeyMailbox:
             max_stock_per_device=MAX_ESCROWED_ONE_TIME_KEYS,
         )
         self._claims: dict[str, list[int]] = {}
-        self._upload_lock = keyed_lock(api, "synapse_relay_key_upload")
         self.stats = RoleStats("relay_keys", MAILBOX_COUNTERS, per_relay=False)
 
     def endpoints(self) -> list[object]:
@@ -108,14 +106,13 @@ class KeyMailbox:
         try:
             await self._owner(origin, server_name)
             snapshots, keys = await self._parse_upload(server_name, content)
-            async with self._upload_lock(server_name):
-                replaced = await self._store.store_key_snapshots(
-                    server_name,
-                    snapshots,
-                    keys,
-                    self._quota,
-                    self._api.get_current_time_msec(),
-                )
+            replaced = await self._store.store_key_snapshots(
+                server_name,
+                snapshots,
+                keys,
+                self._quota,
+                self._api.get_current_time_msec(),
+            )
         except QuotaExceeded as e:
             self.stats.inc("uploads_refused")
             logger.warning("Refused keys of %s: %s", server_name, e)

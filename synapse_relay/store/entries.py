@@ -24,9 +24,10 @@ the deposits that arrived while the previous one committed.
 Several processes (Synapse workers) may serve the relay endpoints, so nothing here
 relies on a lock in this process. The functions that change entries run at READ
 COMMITTED on PostgreSQL (`run_read_committed`) and first lock the totals row of
-each destination they change (`_lock_queues`, in sorted order, so two transactions
+each destination they change (`lock_queues`, in sorted order, so two transactions
 never wait for each other): changes of one destination's queue take turns across
-all processes, and no serialization failure can happen.
+all processes, and no serialization failure can happen. Key uploads of a server
+take turns through the same row (keys.py).
 """
 
 from collections import Counter
@@ -215,7 +216,7 @@ class EntryStore(SchemaStore):
                 return purged
 
 
-def _lock_queues(
+def lock_queues(
     txn: LoggingTransaction, destinations: Iterable[str]
 ) -> dict[str, tuple[int, int]]:
     """Lock the totals rows of `destinations` (created empty if absent) until the
@@ -255,7 +256,7 @@ def _deposit_batch_txn(
     others (one), update the totals (one each). With the totals locked, no other
     transaction stores anything for these destinations meanwhile.
     """
-    before = _lock_queues(txn, (entry.destination for entry, _ in deposits))
+    before = lock_queues(txn, (entry.destination for entry, _ in deposits))
     ids = _stored_entry_ids(txn, {_key(entry) for entry, _ in deposits})
     totals = dict(before)
     new: dict[_Key, tuple[NewEntry, int]] = {}  # in deposit order
@@ -390,7 +391,7 @@ def _acknowledge_and_get_oldest_txn(
 def _acknowledge_txn(txn: LoggingTransaction, destination: str, entry_id: int) -> bool:
     """Delete exactly this entry, and only if it is this destination's (never a
     range, since entry ids may commit out of order); whether it was there."""
-    _lock_queues(txn, [destination])
+    lock_queues(txn, [destination])
     txn.execute(
         "DELETE FROM synapse_relay_entries WHERE entry_id = ? AND destination = ?"
         " RETURNING size",
@@ -441,7 +442,7 @@ def _acknowledge_and_get_batch_txn(
 ) -> CollectedBatch:
     deleted = 0
     if acknowledged:
-        _lock_queues(txn, [destination])
+        lock_queues(txn, [destination])
         # Exactly these entries, and only those of this destination.
         placeholders = ", ".join("?" for _ in acknowledged)
         txn.execute(
@@ -497,7 +498,7 @@ def _purge_batch_txn(txn: LoggingTransaction, before_ms: int, limit: int) -> int
         f" WHERE entry_id IN ({oldest})",
         (before_ms, limit),
     )
-    _lock_queues(txn, [destination for (destination,) in txn.fetchall()])
+    lock_queues(txn, [destination for (destination,) in txn.fetchall()])
     # What is deleted, not what was selected: a collector may have acknowledged
     # some of them meanwhile.
     txn.execute(

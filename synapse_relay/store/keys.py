@@ -9,13 +9,23 @@ users' keys and the one-time keys escrowed for them.
 
 Quotas per server (`KeyQuota`): the users whose snapshots are held, and the keys in
 escrow per device.
+
+Several processes (Synapse workers) may serve the key endpoints, so nothing here
+relies on a lock in this process; uploads and claims run at READ COMMITTED on
+PostgreSQL (`run_read_committed`), where they cause no serialization failure. An
+upload first locks the server's totals row of the relay queue (`lock_queues`, the
+one row per destination there is): uploads of one server take turns across all
+processes, so its quotas are exact and an older snapshot never replaces a newer
+one. A claim takes each key it returns with `FOR UPDATE SKIP LOCKED` and deletes it
+in the same transaction: a key another claim took is locked (skipped) or gone (not
+seen), so no key is returned twice. SQLite has one writer at a time.
 """
 
 import attr
 
 from synapse_relay._synapse import is_postgres
-from synapse_relay._synapse.database import LoggingTransaction
-from synapse_relay.store.entries import QuotaExceeded
+from synapse_relay._synapse.database import LoggingTransaction, run_read_committed
+from synapse_relay.store.entries import QuotaExceeded, lock_queues
 from synapse_relay.store.schema import SchemaStore
 
 
@@ -64,7 +74,8 @@ class KeyStore(SchemaStore):
         and escrow the keys, all in one commit; QuotaExceeded (nothing stored) if
         it does not fit. Returns how many snapshots replaced older ones."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
+        return await run_read_committed(
+            self._api,
             "synapse_relay_store_key_snapshots",
             _store_key_snapshots_txn,
             server_name,
@@ -98,7 +109,8 @@ class KeyStore(SchemaStore):
         (user, device, algorithm) -> (key ID, key JSON), for those that had one.
         A key is returned by at most one claim, whatever runs concurrently."""
         await self.ensure_schema()
-        return await self._api.run_db_interaction(
+        return await run_read_committed(
+            self._api,
             "synapse_relay_claim_escrowed_keys",
             _claim_escrowed_keys_txn,
             server_name,
@@ -121,6 +133,8 @@ def _store_key_snapshots_txn(
     quota: KeyQuota,
     now_ms: int,
 ) -> int:
+    # Uploads of this server take turns, in every process (module docstring).
+    lock_queues(txn, [server_name])
     replaced = 0
     for snapshot in snapshots:
         txn.execute(
@@ -238,10 +252,10 @@ def _key_holdings_txn(
 def _claim_escrowed_keys_txn(
     txn: LoggingTransaction, server_name: str, wanted: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], tuple[str, str]]:
-    # On PostgreSQL (REPEATABLE READ) a row a concurrent claim locked is skipped,
-    # and one it deleted since this transaction began makes the DELETE below a
-    # serialization failure, which Synapse retries: either way no key is returned
-    # twice. SQLite runs one writing transaction at a time.
+    # On PostgreSQL (READ COMMITTED) a row a concurrent claim or upload locked is
+    # skipped, and one it deleted before this statement began is not seen (nor
+    # returned if it commits the delete while this statement runs): the row
+    # returned is this transaction's until it ends. SQLite has one writer at a time.
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres(txn) else ""
     claimed = {}
     for user_id, device_id, algorithm in wanted:

@@ -1,9 +1,9 @@
 """Issue 11: the key mailbox on real homeservers, both backends.
 
 - The relay's endpoints, with fake owners and claimers (signed keys made here):
-  concurrent claims, bad uploads and claims. The owner O is a FakeServer whose
-  federation endpoints answer 503 (unreachable, as Synapse sees it) and whose key
-  server answers, so its snapshot signatures verify.
+  concurrent claims and uploads, bad uploads and claims. The owner O is a
+  FakeServer whose federation endpoints answer 503 (unreachable, as Synapse sees
+  it) and whose key server answers, so its snapshot signatures verify.
 - A server using a relay L that lies about O's keys (tampered, forged).
 - Real clients (matrix-nio, E2EE): alice (A) and bob (B) share an encrypted room; R
   is a relay of both. B goes offline; alice logs in on a new device and sends 3
@@ -211,11 +211,18 @@ def test_concurrent_claims_hand_each_key_out_once_then_the_fallback_key(
 ) -> None:
     user_id = f"@alice:{owner.server_name}"
     phone, laptop = Device(user_id, "PHONE"), Device(user_id, "LAPTOP")
-    snapshot = owner.snapshot("alice", [phone, laptop], sign=False)
-    del snapshot["fallback_keys"]["LAPTOP"]
-    snapshot = sign_json(snapshot, owner.server_name, owner.signing_key)
+
+    def snapshot(ts: int) -> dict[str, Any]:
+        content = owner.snapshot("alice", [phone, laptop], ts=ts, sign=False)
+        del content["fallback_keys"]["LAPTOP"]
+        signed: dict[str, Any] = sign_json(
+            content, owner.server_name, owner.signing_key
+        )
+        return signed
+
+    now = int(time.time() * 1000)
     body = {
-        "snapshots": [snapshot],
+        "snapshots": [snapshot(now)],
         "one_time_keys": {user_id: {"PHONE": phone.one_time_keys(10)}},
     }
     assert owner.upload(relay, body).status_code == 200
@@ -233,11 +240,24 @@ def test_concurrent_claims_hand_each_key_out_once_then_the_fallback_key(
             assert response.status_code == 200, response.text
             got[index] += list(response.json()["one_time_keys"][user_id]["PHONE"])
 
+    uploaded: list[int] = []
+
+    def upload_many(index: int) -> None:
+        # newer snapshots of the same devices, uploaded by two at once meanwhile
+        for ts in range(now + 1 + index, now + 7, 2):
+            response = owner.upload(relay, {"snapshots": [snapshot(ts)]})
+            assert response.status_code == 200, response.text
+            uploaded.append(ts)
+
     threads = [threading.Thread(target=claim_many, args=(i,)) for i in (0, 1)]
+    threads += [threading.Thread(target=upload_many, args=(i,)) for i in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert sorted(uploaded) == list(range(now + 1, now + 7))
+    # the newest snapshot is held, whichever upload committed last
+    assert owner.holdings(relay)["users"][user_id] == now + 6
     claimed = got[0] + got[1]
     one_time = [k for k in claimed if not k.startswith(f"{ALGORITHM}:fb")]
     assert len(claimed) == 16

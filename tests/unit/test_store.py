@@ -24,6 +24,7 @@ from synapse_relay.store import (
     Quota,
     QuotaExceeded,
     entries,
+    keys,
     relays,
     schema,
 )
@@ -396,14 +397,19 @@ def test_migration_from_version_2_keeps_old_rows_readable(database: Database) ->
 # --- several processes: concurrent transactions on one destination ------------------
 
 
+def several_processes(database: Database) -> None:
+    """Skip on SQLite (Synapse has one connection to it), else make the schema."""
+    if database.engine.__class__.__name__ != "PostgresEngine":
+        pytest.skip("Synapse has one connection to an SQLite database")
+    database.run(database.connection(), schema._create_or_migrate_schema_txn)
+
+
 def test_concurrent_deposits_from_two_connections(database: Database) -> None:
     """Two processes (two connections, as two Synapse workers have) deposit the
     same transactions for one destination at once, then again while a third
     collects: no serialization failure, every transaction stored once, the quota
     exact, FIFO."""
-    if database.engine.__class__.__name__ != "PostgresEngine":
-        pytest.skip("Synapse has one connection to an SQLite database")
-    database.run(database.connection(), schema._create_or_migrate_schema_txn)
+    several_processes(database)
     errors: list[BaseException] = []
 
     def in_thread(func: Callable[..., None], *args: Any) -> threading.Thread:
@@ -511,3 +517,86 @@ def test_a_batch_for_many_destinations_locks_them_all(txn: Txn) -> None:
     assert all(isinstance(o, Deposit) for o in outcomes[:-1])
     assert isinstance(outcomes[-1], QuotaExceeded)  # its destination's quota
     assert entries._queues_txn(txn) == [Queue(d, 1, 2, 5, 0) for d in destinations]
+
+
+# --- key mailbox: uploads and claims from several processes -------------------------
+
+ALGORITHM = "signed_curve25519"
+
+
+def upload_keys(txn: Txn, user: str, key_ids: list[str], quota: keys.KeyQuota) -> int:
+    """Upload a snapshot of @user:o, with device D, and these keys of D."""
+    user_id = f"@{user}:o"
+    return keys._store_key_snapshots_txn(
+        txn,
+        "o",
+        [keys.KeySnapshot(user_id, 1, "{}", frozenset({"D"}))],
+        [keys.EscrowedKey(user_id, "D", ALGORITHM, key_id, "{}") for key_id in key_ids],
+        quota,
+        1,
+    )
+
+
+def test_key_uploads_of_a_server_take_turns_across_processes(
+    database: Database,
+) -> None:
+    """Two processes upload keys of one server at once: the second waits for the
+    first to commit, then counts its users too: the quota stays exact."""
+    several_processes(database)
+    quota = keys.KeyQuota(max_users=1, max_stock_per_device=10)
+    first, second, watcher = (database.connection() for _ in range(3))
+    watcher.autocommit = True
+    upload_keys(database.txn(first), "a", [], quota)  # uncommitted
+    outcome: list[object] = []
+
+    def upload() -> None:
+        try:
+            outcome.append(database.run(second, upload_keys, "b", [], quota))
+        except QuotaExceeded as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    # Until the second upload waits for the first's lock (or is done without it).
+    deadline = time.monotonic() + 60
+    while thread.is_alive():
+        txn = database.txn(watcher)
+        txn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = ?",
+            (second.get_backend_pid(),),
+        )
+        if txn.fetchone() == ("Lock",):
+            break
+        assert time.monotonic() < deadline
+        thread.join(timeout=0.01)
+    first.commit()
+    thread.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], QuotaExceeded)
+    assert keys._key_holdings_txn(database.txn(watcher), "o") == ({"@a:o": 1}, {})
+
+
+def test_key_claims_from_several_processes_take_each_key_once(
+    database: Database,
+) -> None:
+    """Three processes claim a device's key at once, one of them in a transaction
+    begun before another's claim committed (at REPEATABLE READ, a serialization
+    failure): each gets its own key, none fails."""
+    several_processes(database)
+    quota = keys.KeyQuota(max_users=1, max_stock_per_device=10)
+    database.run(database.connection(), upload_keys, "a", ["k1", "k2", "k3"], quota)
+    one, two, three = (database.connection() for _ in range(3))
+    late = database.txn(three)
+    stock = {"@a:o": {"D": {ALGORITHM: 3}}}
+    assert keys._key_holdings_txn(late, "o") == ({"@a:o": 1}, stock)
+    wanted = [("@a:o", "D", ALGORITHM)]
+    claim = keys._claim_escrowed_keys_txn
+    # one holds k1 (uncommitted); two skips it and takes k2; three skips k1 and
+    # does not see k2, deleted since its transaction began: k3
+    claimed = [claim(database.txn(one), "o", wanted)]
+    claimed.append(database.run(two, claim, "o", wanted))
+    claimed.append(claim(late, "o", wanted))
+    three.commit()
+    one.commit()
+    assert [c[wanted[0]][0] for c in claimed] == ["k1", "k2", "k3"]
+    assert database.run(two, claim, "o", wanted) == {}
+    assert database.run(two, keys._key_holdings_txn, "o") == ({"@a:o": 1}, {})
