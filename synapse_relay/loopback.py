@@ -20,6 +20,7 @@ import ipaddress
 import itertools
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -56,12 +57,32 @@ HTTP_TIMEOUT = 30
 T = TypeVar("T")
 
 
+# Ports handed out are taken from below Linux's ephemeral range (32768-60999 by
+# default, /proc/sys/net/ipv4/ip_local_port_range): a port the kernel picked
+# (bind to port 0) is also what it gives to the next outgoing connections, so
+# between handing it out and the server binding it, a client connection could take
+# it as its local port and the server fail with "address in use".
+_PORTS = range(10_000, 32_000)
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now, not handed out
+    before by this process."""
+    rng = random.SystemRandom()
+    with _ports_lock:
+        while True:
+            port = rng.choice(_PORTS)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(
